@@ -1,0 +1,118 @@
+"""The block schedule: token step -> stage -> micro-batch.
+
+A block of ``gpu_batch_size x num_gpu_batches`` sequences is generated together: each
+stage's weights are fetched once per token step and used for every micro-batch, while each
+micro-batch's activations and KV cache live in their own homes between uses.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .families import FamilyAdapter, StepInputs
+from .generation import TokenChooser
+from .memory.kv_cache import FlexKVCache
+from .memory.weights import WeightStore
+from .policy import CPU, Policy, spread_units
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch's state across the token steps of a block."""
+
+    sequences: torch.Tensor   # (batch, prompt + generated): HF's input_ids, padding kept
+    skip: int                 # leading prompt columns that are padding in every row
+    step: StepInputs          # what the next token step feeds the model
+    unfinished: torch.Tensor  # (batch,) bool
+    act_home: str
+    hidden: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return not bool(self.unfinished.any())
+
+
+class BlockEngine:
+    def __init__(self, adapter: FamilyAdapter, store: WeightStore, policy: Policy,
+                 device: torch.device, offload_dir: Path | None):
+        self.adapter, self.store, self.policy = adapter, store, policy
+        self.device, self.offload_dir = device, offload_dir
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.store.stages)
+
+    def start_micro_batches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            new_tokens: int) -> list[MicroBatch]:
+        """Cut a block's rows into micro-batches, giving each its cache and activation home."""
+        p = self.policy
+        chunks = list(zip(input_ids.split(p.gpu_batch_size), attention_mask.split(p.gpu_batch_size)))
+        k_count, layers = len(chunks), self.adapter.num_layers
+        cache_homes = spread_units(layers * k_count, p.shares("cache"))
+        act_homes = spread_units(k_count, p.shares("act"))
+        out = []
+        for k, (ids, mask) in enumerate(chunks):
+            real = mask.any(dim=0).nonzero()
+            skip = int(real[0]) if len(real) else ids.shape[1] - 1
+            ids_t, mask_t = ids[:, skip:].to(self.device), mask[:, skip:].to(self.device)
+            positions = (mask_t.long().cumsum(-1) - 1).masked_fill(mask_t == 0, 0)
+            cache = FlexKVCache([cache_homes[j * k_count + k] for j in range(layers)],
+                                capacity=ids_t.shape[1] + new_tokens, device=self.device,
+                                directory=self.offload_dir)
+            out.append(MicroBatch(
+                sequences=ids.to(self.device), skip=skip,
+                step=StepInputs(ids_t, mask_t, positions, cache),
+                unfinished=torch.ones(ids.shape[0], dtype=torch.bool, device=self.device),
+                act_home=act_homes[k]))
+        return out
+
+    def run_block(self, micro_batches: list[MicroBatch], new_tokens: int, chooser: TokenChooser,
+                  on_scores=None) -> int:
+        """Generate up to ``new_tokens`` tokens for every micro-batch; returns steps run."""
+        steps = 0
+        try:
+            for _ in range(new_tokens):
+                active = [mb for mb in micro_batches if not mb.done]
+                if not active:
+                    break
+                for j in range(self.num_stages):
+                    weights = self.store.fetch(j)
+                    for mb in active:
+                        self._run_stage(j, weights, mb, chooser, on_scores, steps)
+                    del weights
+                steps += 1
+        finally:
+            for mb in micro_batches:
+                mb.step.cache.close()
+        return steps
+
+    def _run_stage(self, j: int, weights, mb: MicroBatch, chooser: TokenChooser, on_scores, step):
+        adapter = self.adapter
+        if j == 0:
+            hidden = adapter.embed(weights, mb.step)
+        elif j < self.num_stages - 1:
+            hidden = adapter.layer(j - 1, weights, mb.hidden.to(self.device), mb.step)
+        else:
+            logits = adapter.head(weights, mb.hidden.to(self.device))
+            mb.hidden = None
+            self._advance(mb, logits, chooser, on_scores, step)
+            return
+        mb.hidden = hidden.to("cpu") if mb.act_home == CPU else hidden
+
+    def _advance(self, mb: MicroBatch, logits, chooser: TokenChooser, on_scores, step: int) -> None:
+        scores = chooser.scores(mb.sequences, logits)
+        if on_scores is not None:
+            on_scores(mb, step, logits, scores)
+        tokens, mb.unfinished = chooser.choose(scores, mb.unfinished)
+        mb.sequences = torch.cat([mb.sequences, tokens[:, None]], dim=1)
+        s = mb.step
+        mb.step = StepInputs(
+            input_ids=tokens[:, None],
+            attention_mask=torch.cat([s.attention_mask, s.attention_mask.new_ones(len(tokens), 1)], 1),
+            position_ids=s.position_ids[:, -1:] + 1,
+            cache=s.cache)

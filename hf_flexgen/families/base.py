@@ -1,0 +1,119 @@
+"""What every family adapter provides, and the registry that picks one for a config.
+
+A model is cut into stages: the embedding stage (token ids -> hidden states, plus the
+per-step inputs every layer needs: mask, positions, rotary embeddings), one stage per
+decoder layer (HF's own layer module, weights supplied per call), and the head stage
+(final norm -> logits of the last position).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call
+from transformers.cache_utils import Cache
+
+
+@dataclass
+class StepInputs:
+    """What one micro-batch feeds the model for one token step."""
+
+    input_ids: torch.Tensor        # (batch, new_tokens)
+    attention_mask: torch.Tensor   # (batch, past + new_tokens), 1 = real token
+    position_ids: torch.Tensor     # (batch, new_tokens)
+    cache: Cache
+    layer_kwargs: dict = field(default_factory=dict)  # filled by the embedding stage
+
+
+def run_module(root: torch.nn.Module, path: str, weights: dict[str, torch.Tensor], *args, **kwargs):
+    """Call the submodule at ``path`` with its parameters taken from ``weights``."""
+    module = root.get_submodule(path)
+    prefix = path + "."
+    local = {name[len(prefix):]: t for name, t in weights.items() if name.startswith(prefix)}
+    return functional_call(module, local, args, kwargs)
+
+
+class FamilyAdapter:
+    """Subclasses name their module paths and build the per-step layer inputs."""
+
+    model_types: tuple[str, ...] = ()
+    layers_path: str = ""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.config = model, model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def embed_paths(self) -> list[str]:
+        raise NotImplementedError
+
+    def head_paths(self) -> list[str]:
+        raise NotImplementedError
+
+    def stage_paths(self) -> list[list[str]]:
+        """Module paths of every stage: embedding, each layer, head."""
+        layers = [[f"{self.layers_path}.{j}"] for j in range(self.num_layers)]
+        return [self.embed_paths(), *layers, self.head_paths()]
+
+    def stage_parameters(self) -> list[list[str]]:
+        """HF parameter names used by each stage (tied weights appear in both stages)."""
+        out = []
+        for paths in self.stage_paths():
+            names = []
+            for path in paths:
+                module = self.model.get_submodule(path)
+                names += [n for n, _ in module.named_parameters(prefix=path, remove_duplicate=False)]
+            out.append(names)
+        return out
+
+    def tied_parameters(self) -> dict[str, str]:
+        """Parameter name -> the name whose checkpoint tensor it shares."""
+        if getattr(self.config, "tie_word_embeddings", False):
+            return {"lm_head.weight": self.embed_tokens_path + ".weight"}
+        return {}
+
+    embed_tokens_path: str = ""
+
+    def embed(self, weights: dict, step: StepInputs) -> torch.Tensor:
+        """Token ids -> hidden states; fills ``step.layer_kwargs`` for the decoder layers."""
+        raise NotImplementedError
+
+    def layer(self, j: int, weights: dict, hidden: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        kwargs = dict(step.layer_kwargs)
+        masks = kwargs.pop("attention_masks")
+        out = run_module(self.model, f"{self.layers_path}.{j}", weights, hidden,
+                         attention_mask=masks[self.mask_kind(j)], position_ids=step.position_ids,
+                         past_key_values=step.cache, use_cache=True, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def mask_kind(self, j: int) -> str:
+        return "full_attention"
+
+    def head(self, weights: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the last position (batch, 1, hidden) -> logits (batch, vocab)."""
+        raise NotImplementedError
+
+
+_REGISTRY: list[type[FamilyAdapter]] = []
+
+
+def register(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    _REGISTRY.append(cls)
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    from . import llama, opt  # noqa: F401  (registers the adapters)
+    return sorted(t for cls in _REGISTRY for t in cls.model_types)
+
+
+def adapter_for(model: torch.nn.Module) -> FamilyAdapter:
+    model_type = model.config.model_type
+    supported = supported_model_types()
+    for cls in _REGISTRY:
+        if model_type in cls.model_types:
+            return cls(model)
+    raise ValueError(f"model_type {model_type!r} is not supported by hf_flexgen; "
+                     f"supported: {', '.join(supported)}")

@@ -1,0 +1,1 @@
+"""Pure tensor maths: attention variants and group-wise quantization."""
