@@ -19,7 +19,7 @@ from .memory.checkpoint import CheckpointIndex
 from .memory.resolve import resolve_checkpoint_dir, safetensors_files
 from .memory.weights import WeightStore
 from .ops.attention import register_attention
-from .policy import DISK, Policy
+from .policy import Policy
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,102 @@
+"""Greedy generation is token-identical to HF's own generate() (fp32, CPU) for every family,
+under policies that put weights, KV cache and activations in every home."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_flexgen import FlexGenForCausalLM, Policy
+
+from tiny_models import TINY_CONFIGS, left_padded_prompts
+
+POLICIES = {
+    "all-device": Policy(gpu_batch_size=4, num_gpu_batches=1),
+    "weights-20-30-50": Policy(gpu_batch_size=2, num_gpu_batches=3, w_gpu_percent=20, w_cpu_percent=30),
+    "cache-cpu": Policy(gpu_batch_size=3, num_gpu_batches=2, cache_gpu_percent=0, cache_cpu_percent=100),
+    "cache-disk": Policy(gpu_batch_size=2, num_gpu_batches=3, cache_gpu_percent=0, cache_cpu_percent=0),
+    "act-cpu": Policy(gpu_batch_size=2, num_gpu_batches=2, act_gpu_percent=0, act_cpu_percent=100),
+    "everything-mixed": Policy(gpu_batch_size=2, num_gpu_batches=3, w_gpu_percent=0, w_cpu_percent=50,
+                               cache_gpu_percent=30, cache_cpu_percent=30, act_gpu_percent=50,
+                               act_cpu_percent=50),
+}
+
+
+def hf_generate(model, ids, mask, **kwargs):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("policy_name", sorted(POLICIES))
+def test_greedy_matches_hf(tiny_checkpoint, tmp_path, family, policy_name):
+    reference, directory = tiny_checkpoint(family)
+    ids, mask = left_padded_prompts(count=7, max_len=11)  # 7: not a multiple of any block
+    expected = hf_generate(reference, ids, mask, max_new_tokens=10)
+    model = FlexGenForCausalLM.from_pretrained(directory, policy=POLICIES[policy_name],
+                                               offload_dir=tmp_path)
+    try:
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    finally:
+        model.close()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("family", ["opt-pre-ln", "llama-gqa"])
+@pytest.mark.parametrize("num_gpu_batches", [1, 3])
+def test_early_eos_pads_like_hf(tiny_checkpoint, family, num_gpu_batches):
+    reference, directory = tiny_checkpoint(family)
+    ids, mask = left_padded_prompts(count=6, max_len=8, seed=1)
+    free_run = hf_generate(reference, ids, mask, max_new_tokens=12, eos_token_id=None)
+    # Make the token one row produces at its 3rd step the EOS: that row stops early.
+    eos = int(free_run[0, ids.shape[1] + 2])
+    expected = hf_generate(reference, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    assert (expected[:, ids.shape[1]:] == 0).any(), "the reference should stop some row early"
+    model = FlexGenForCausalLM.from_pretrained(
+        directory, policy=Policy(gpu_batch_size=2, num_gpu_batches=num_gpu_batches,
+                                 cache_gpu_percent=50, cache_cpu_percent=50))
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12,
+                         eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+def test_min_new_tokens_and_max_length_follow_hf(tiny_checkpoint):
+    reference, directory = tiny_checkpoint("opt-pre-ln")
+    ids, mask = left_padded_prompts(count=3, max_len=6, seed=2)
+    free_run = hf_generate(reference, ids, mask, max_new_tokens=8, eos_token_id=None)
+    eos = int(free_run[1, ids.shape[1]])  # row 1 would stop at once
+    model = FlexGenForCausalLM.from_pretrained(directory, policy=Policy(gpu_batch_size=2))
+    for kwargs in ({"min_new_tokens": 4, "max_new_tokens": 8}, {"max_length": 11}):
+        expected = hf_generate(reference, ids, mask, eos_token_id=eos, pad_token_id=0, **kwargs)
+        got = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=eos, pad_token_id=0,
+                             **kwargs)
+        assert torch.equal(got, expected), kwargs
+
+
+def test_single_prompt_without_mask(tiny_checkpoint):
+    reference, directory = tiny_checkpoint("llama-gqa")
+    ids = torch.tensor([[5, 9, 17, 33, 4]])
+    expected = hf_generate(reference, ids, torch.ones_like(ids), max_new_tokens=6)
+    model = FlexGenForCausalLM.from_pretrained(directory, policy=Policy(gpu_batch_size=8, num_gpu_batches=4))
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", [
+    Policy(gpu_batch_size=2, num_gpu_batches=3),
+    Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=20, w_cpu_percent=30,
+           cache_gpu_percent=0, cache_cpu_percent=50, act_gpu_percent=0, act_cpu_percent=100),
+], ids=["all-device", "disk-weights-and-cache"])
+def test_smollm2_greedy_matches_hf(smollm2_dir, tmp_path, policy):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, padding_side="left")
+    questions = ["What is the capital of France?", "Write a haiku about the sea.",
+                 "List three prime numbers.", "Hi", "Explain photosynthesis to a child."]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True) for q in questions]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    reference = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    expected = hf_generate(reference, batch.input_ids, batch.attention_mask, max_new_tokens=16)
+    model = FlexGenForCausalLM.from_pretrained(smollm2_dir, policy=policy, offload_dir=tmp_path)
+    got = model.generate(**batch, max_new_tokens=16, do_sample=False)
+    assert torch.equal(got, expected)
+    assert "Paris" in tokenizer.decode(got[0, batch.input_ids.shape[1]:])
