@@ -66,9 +66,10 @@ class FlexGenForCausalLM:
 
     def __init__(self, config, index: CheckpointIndex, policy: Policy, device: torch.device,
                  dtype: torch.dtype, offload_dir: Path | None,
-                 generation_config: GenerationConfig | None = None, name_or_path: str = ""):
+                 generation_config: GenerationConfig | None = None, name_or_path: str = "",
+                 checkpoint_dir: Path | None = None):
         self.config, self.policy, self.device, self.dtype = config, policy, device, dtype
-        self.name_or_path = name_or_path
+        self.name_or_path, self.checkpoint_dir = name_or_path, checkpoint_dir
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
         self._own_offload_dir = offload_dir is None
         self.offload_dir = Path(offload_dir) if offload_dir else Path(tempfile.mkdtemp(prefix="hf_flexgen_"))
@@ -115,7 +116,7 @@ class FlexGenForCausalLM:
             generation_config = None
         index = CheckpointIndex(safetensors_files(directory))
         return cls(config, index, policy, device, dtype, offload_dir, generation_config,
-                   name_or_path=str(name_or_path))
+                   name_or_path=str(name_or_path), checkpoint_dir=directory)
 
     # -- generation ------------------------------------------------------------------------
     @torch.inference_mode()
