@@ -7,7 +7,8 @@ micro-batch's activations and KV cache live in their own homes between uses.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from .families import FamilyAdapter, StepInputs
 from .generation import TokenChooser
 from .memory.kv_cache import FlexKVCache
+from .memory.prefetch import IOWorker
 from .memory.weights import WeightStore
 from .policy import CPU, Policy, spread_units
 
@@ -37,11 +39,36 @@ class MicroBatch:
         return not bool(self.unfinished.any())
 
 
+@dataclass
+class EngineStats:
+    """Where the time and bytes of generate() calls went (summed over blocks)."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    io_wait_s: float = 0.0      # compute thread blocked on weight / KV I/O
+    weight_bytes_read: int = 0  # from disk (checkpoint files read in place)
+    kv_bytes_read: int = 0      # KV cache moved from its home to the compute device
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 class BlockEngine:
+    """Runs blocks. With ``policy.overlap`` two background workers (weights, KV cache) fetch
+    stage j+1's weights and the next micro-batch's KV cache while the current one computes;
+    without it the same fetches run inline (the serial path, for debugging and comparison)."""
+
     def __init__(self, adapter: FamilyAdapter, store: WeightStore, policy: Policy,
                  device: torch.device, offload_dir: Path | None):
         self.adapter, self.store, self.policy = adapter, store, policy
         self.device, self.offload_dir = device, offload_dir
+        self.weights_io = IOWorker(policy.overlap, device)
+        self.cache_io = IOWorker(policy.overlap, device)
+        self.stats = EngineStats()
+
+    def close(self) -> None:
+        self.weights_io.close()
+        self.cache_io.close()
 
     @property
     def num_stages(self) -> int:
@@ -63,7 +90,7 @@ class BlockEngine:
             positions = (mask_t.long().cumsum(-1) - 1).masked_fill(mask_t == 0, 0)
             cache = FlexKVCache([cache_homes[j * k_count + k] for j in range(layers)],
                                 capacity=ids_t.shape[1] + new_tokens, device=self.device,
-                                directory=self.offload_dir)
+                                directory=self.offload_dir, io=self.cache_io)
             out.append(MicroBatch(
                 sequences=ids.to(self.device), skip=skip,
                 step=StepInputs(ids_t, mask_t, positions, cache),
@@ -74,22 +101,45 @@ class BlockEngine:
     def run_block(self, micro_batches: list[MicroBatch], new_tokens: int, chooser: TokenChooser,
                   on_scores=None) -> int:
         """Generate up to ``new_tokens`` tokens for every micro-batch; returns steps run."""
-        steps = 0
+        steps, bytes_before = 0, self.store.index.bytes_read
+        waits_before = self.weights_io.wait_s + self.cache_io.wait_s
         try:
             for _ in range(new_tokens):
                 active = [mb for mb in micro_batches if not mb.done]
                 if not active:
                     break
-                for j in range(self.num_stages):
-                    weights = self.store.fetch(j)
-                    for mb in active:
-                        self._run_stage(j, weights, mb, chooser, on_scores, steps)
-                    del weights
+                start = time.perf_counter()
+                self._run_step(active, chooser, on_scores, steps)
+                elapsed = time.perf_counter() - start
+                if steps == 0:
+                    self.stats.prefill_s += elapsed
+                else:
+                    self.stats.decode_s += elapsed
                 steps += 1
         finally:
+            self.cache_io.wait(self.cache_io.submit(lambda: None))  # pending KV writes land
             for mb in micro_batches:
+                self.stats.kv_bytes_read += mb.step.cache.bytes_read
                 mb.step.cache.close()
+            self.stats.weight_bytes_read += self.store.index.bytes_read - bytes_before
+            self.stats.io_wait_s += self.weights_io.wait_s + self.cache_io.wait_s - waits_before
         return steps
+
+    def _run_step(self, active: list[MicroBatch], chooser: TokenChooser, on_scores, step: int):
+        """One token step: stage by stage, each stage over every micro-batch."""
+        last = self.num_stages - 1
+        units = [(j, k) for j in range(self.num_stages) for k in range(len(active))]
+        pending = self.weights_io.submit(self.store.fetch, 0)
+        for u, (j, k) in enumerate(units):
+            if k == 0:
+                weights = self.weights_io.wait(pending)
+                if j < last:
+                    pending = self.weights_io.submit(self.store.fetch, j + 1)
+            if self.policy.overlap and u + 1 < len(units):
+                nj, nk = units[u + 1]
+                if 0 < nj < last:
+                    active[nk].step.cache.layers[nj - 1].prefetch_past()
+            self._run_stage(j, weights, active[k], chooser, on_scores, step)
 
     def _run_stage(self, j: int, weights, mb: MicroBatch, chooser: TokenChooser, on_scores, step):
         adapter = self.adapter

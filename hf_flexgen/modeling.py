@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .engine import BlockEngine
+from .engine import BlockEngine, EngineStats
 from .families import adapter_for
 from .generation import TokenChooser, max_new_tokens, pad_id, resolve_generation_config
 from .memory.checkpoint import CheckpointIndex
@@ -82,6 +82,7 @@ class FlexGenForCausalLM:
         self.store = WeightStore(index, stage_keys, policy.shares("w"), device, dtype,
                                  pin_memory=policy.pin_weight)
         self.engine = BlockEngine(self.adapter, self.store, policy, device, self.offload_dir)
+        self.last_stats: dict = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, policy: Policy | str | None = None,
@@ -144,6 +145,7 @@ class FlexGenForCausalLM:
         recorder = _ScoreRecorder(config, input_ids.shape[0])
         chooser = TokenChooser(config, prompt_len, self.device)
         outputs, block = [], self.policy.block_size
+        self.engine.stats = EngineStats()
         for start in range(0, input_ids.shape[0], block):
             rows = slice(start, start + block)
             mbs = self.engine.start_micro_batches(input_ids[rows], attention_mask[rows], new_tokens)
@@ -151,12 +153,14 @@ class FlexGenForCausalLM:
             self.engine.run_block(mbs, new_tokens, chooser, recorder if recorder.wanted else None)
             outputs += [mb.sequences.cpu() for mb in mbs]
         sequences = _pad_right(outputs, pad_id(config))
+        self.last_stats = self.engine.stats.as_dict()
         if not config.return_dict_in_generate:
             return sequences
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=recorder.stack("scores"),
                                          logits=recorder.stack("logits"))
 
     def close(self) -> None:
+        self.engine.close()
         self.store.index.close()
         if self._own_offload_dir:
             shutil.rmtree(self.offload_dir, ignore_errors=True)

@@ -2,6 +2,8 @@
 under policies that put weights, KV cache and activations in every home."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -28,12 +30,13 @@ def hf_generate(model, ids, mask, **kwargs):
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
-def test_greedy_matches_hf(tiny_checkpoint, tmp_path, family, policy_name):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_greedy_matches_hf(tiny_checkpoint, tmp_path, family, policy_name, overlap):
     reference, directory = tiny_checkpoint(family)
     ids, mask = left_padded_prompts(count=7, max_len=11)  # 7: not a multiple of any block
     expected = hf_generate(reference, ids, mask, max_new_tokens=10)
-    model = FlexGenForCausalLM.from_pretrained(directory, policy=POLICIES[policy_name],
-                                               offload_dir=tmp_path)
+    policy = dataclasses.replace(POLICIES[policy_name], overlap=overlap)
+    model = FlexGenForCausalLM.from_pretrained(directory, policy=policy, offload_dir=tmp_path)
     try:
         got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     finally:
@@ -53,7 +56,7 @@ def test_early_eos_pads_like_hf(tiny_checkpoint, family, num_gpu_batches):
     assert (expected[:, ids.shape[1]:] == 0).any(), "the reference should stop some row early"
     model = FlexGenForCausalLM.from_pretrained(
         directory, policy=Policy(gpu_batch_size=2, num_gpu_batches=num_gpu_batches,
-                                 cache_gpu_percent=50, cache_cpu_percent=50))
+                                 cache_gpu_percent=50, cache_cpu_percent=0, overlap=True))
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12,
                          eos_token_id=eos, pad_token_id=0)
     assert torch.equal(got, expected)
@@ -84,8 +87,9 @@ def test_single_prompt_without_mask(tiny_checkpoint):
 @pytest.mark.parametrize("policy", [
     Policy(gpu_batch_size=2, num_gpu_batches=3),
     Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=20, w_cpu_percent=30,
-           cache_gpu_percent=0, cache_cpu_percent=50, act_gpu_percent=0, act_cpu_percent=100),
-], ids=["all-device", "disk-weights-and-cache"])
+           cache_gpu_percent=0, cache_cpu_percent=50, act_gpu_percent=0, act_cpu_percent=100,
+           overlap=True),
+], ids=["all-device", "disk-weights-and-cache-overlap"])
 def test_smollm2_greedy_matches_hf(smollm2_dir, tmp_path, policy):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, padding_side="left")
@@ -100,3 +104,32 @@ def test_smollm2_greedy_matches_hf(smollm2_dir, tmp_path, policy):
     got = model.generate(**batch, max_new_tokens=16, do_sample=False)
     assert torch.equal(got, expected)
     assert "Paris" in tokenizer.decode(got[0, batch.input_ids.shape[1]:])
+
+
+def test_stats_count_disk_reads(tiny_checkpoint, tmp_path):
+    """Every token step reads every disk-homed weight once per block (not per micro-batch),
+    and the KV cache on disk is read back each decode step."""
+    _, directory = tiny_checkpoint("opt-pre-ln")
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=3, w_gpu_percent=0, w_cpu_percent=0,
+                    cache_gpu_percent=0, cache_cpu_percent=0, overlap=True)
+    model = FlexGenForCausalLM.from_pretrained(directory, policy=policy, offload_dir=tmp_path)
+    ids, mask = left_padded_prompts(count=6, max_len=5)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                   eos_token_id=None, do_sample=False)
+    stats = model.last_stats
+    per_step = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    # lm_head is tied to the embeddings: read by the embedding and the head stage
+    tied = model.store.index.locations["model.decoder.embed_tokens.weight"].nbytes
+    assert stats["weight_bytes_read"] == 4 * (per_step - _header(directory) + tied)
+    assert stats["kv_bytes_read"] > 0 and stats["prefill_s"] > 0 and stats["decode_s"] > 0
+    assert not list(tmp_path.glob("kv_*")), "KV cache files are removed after the block"
+    model.close()
+
+
+def _header(directory) -> int:
+    import struct
+    total = 0
+    for path in directory.glob("*.safetensors"):
+        with open(path, "rb") as f:
+            total += 8 + struct.unpack("<Q", f.read(8))[0]
+    return total

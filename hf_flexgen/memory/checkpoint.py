@@ -71,6 +71,7 @@ class CheckpointIndex:
         for path in files:
             self.locations.update(read_safetensors_header(Path(path)))
         self._fds: dict[Path, int] = {}
+        self.bytes_read = 0
 
     @classmethod
     def from_directory(cls, directory: Path) -> "CheckpointIndex":
@@ -97,6 +98,7 @@ class CheckpointIndex:
             fd = self._fd(loc.path)
             read_exact(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), loc.offset)
             drop_page_cache(fd, loc.offset, loc.nbytes)
+            self.bytes_read += loc.nbytes
         return out
 
     def close(self) -> None:

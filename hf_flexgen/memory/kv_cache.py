@@ -12,6 +12,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..policy import CPU, DEVICE, DISK
 from .checkpoint import drop_page_cache, read_exact
+from .prefetch import IOWorker
 
 
 class DenseKVStorage:
@@ -20,6 +21,8 @@ class DenseKVStorage:
     def __init__(self, storage_device: torch.device, compute_device: torch.device, pin: bool):
         self.storage_device, self.compute_device, self.pin = storage_device, compute_device, pin
         self.keys = self.values = None
+        self.moves_on_read = storage_device != compute_device
+        self.bytes_read = 0
 
     def write(self, start: int, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
         if self.keys is None:
@@ -34,6 +37,8 @@ class DenseKVStorage:
 
     def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         # (batch, heads, end, head_dim) on the compute device
+        if self.moves_on_read:
+            self.bytes_read += 2 * self.keys[:, :, :end].numel() * self.keys.element_size()
         return (self.keys[:, :, :end].to(self.compute_device, non_blocking=True),
                 self.values[:, :, :end].to(self.compute_device, non_blocking=True))
 
@@ -57,6 +62,8 @@ class DiskKVStorage:
         self.compute_device = compute_device
         self.row_shape = self.dtype = None
         self.capacity = 0
+        self.moves_on_read = True
+        self.bytes_read = 0
 
     def write(self, start: int, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
         if self.row_shape is None:
@@ -78,6 +85,7 @@ class DiskKVStorage:
             offset = region * self.capacity * self.row_bytes
             read_exact(self.fd, memoryview(rows.view(-1).view(torch.uint8).numpy()), offset)
             drop_page_cache(self.fd, offset, end * self.row_bytes)
+            self.bytes_read += end * self.row_bytes
             out.append(rows.permute(1, 2, 0, 3).to(self.compute_device))  # (batch, heads, end, head_dim)
         return out[0], out[1]
 
@@ -108,26 +116,45 @@ def make_storage(home: str, device: torch.device, directory: Path | None):
 
 
 class OffloadedKVLayer(CacheLayerMixin):
-    """One decoder layer's cache of one micro-batch, kept in its storage home."""
+    """One decoder layer's cache of one micro-batch, kept in its storage home.
+
+    For homes whose reads move data (disk; host RAM when computing on a GPU) the stored past
+    can be read ahead with ``prefetch_past()`` and new tokens are stored in the background;
+    both go through the same FIFO I/O worker, so a read always sees earlier writes."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, storage, capacity: int):
+    def __init__(self, storage, capacity: int, io: IOWorker):
         super().__init__()
-        self.storage, self.capacity, self.length = storage, capacity, 0
+        self.storage, self.capacity, self.io, self.length = storage, capacity, io, 0
+        self._past = None  # pending read of the stored past, from prefetch_past()
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:  # storage allocates itself
         pass
 
+    def prefetch_past(self) -> None:
+        if self.storage.moves_on_read and self.length and self._past is None:
+            self._past = self.io.submit(self.storage.read, self.length)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        new = key_states.shape[-2]
-        if self.length + new > self.capacity:
-            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({self.length} + {new})")
-        self.storage.write(self.length, key_states, value_states, self.capacity)
-        self.length += new
-        return self.storage.read(self.length)
+        start, new = self.length, key_states.shape[-2]
+        if start + new > self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({start} + {new})")
+        if not self.storage.moves_on_read:  # resident next to compute: append in place, view
+            self.storage.write(start, key_states, value_states, self.capacity)
+            self.length = start + new
+            return self.storage.read(self.length)
+        if start:
+            self.prefetch_past()  # no-op when already prefetched
+            past_keys, past_values = self.io.wait(self._past)
+        self._past = None
+        self.length = start + new
+        self.io.submit(self.storage.write, start, key_states, value_states, self.capacity)
+        if not start:
+            return key_states, value_states
+        return torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -146,8 +173,8 @@ class FlexKVCache(Cache):
     """The cache of one micro-batch: a list of per-layer caches, each in its own home."""
 
     def __init__(self, homes: list[str], capacity: int, device: torch.device,
-                 directory: Path | None = None):
-        super().__init__(layers=[OffloadedKVLayer(make_storage(h, device, directory), capacity)
+                 directory: Path | None, io: IOWorker):
+        super().__init__(layers=[OffloadedKVLayer(make_storage(h, device, directory), capacity, io)
                                  for h in homes])
         self.homes = list(homes)
 
@@ -156,6 +183,10 @@ class FlexKVCache(Cache):
         for home, layer in zip(self.homes, self.layers):
             totals[home] += layer.storage.nbytes
         return totals
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(layer.storage.bytes_read for layer in self.layers)
 
     def close(self) -> None:
         for layer in self.layers:
