@@ -90,7 +90,8 @@ class BlockEngine:
             positions = (mask_t.long().cumsum(-1) - 1).masked_fill(mask_t == 0, 0)
             cache = FlexKVCache([cache_homes[j * k_count + k] for j in range(layers)],
                                 capacity=ids_t.shape[1] + new_tokens, device=self.device,
-                                directory=self.offload_dir, io=self.cache_io)
+                                directory=self.offload_dir, io=self.cache_io,
+                                compression=p.comp_cache_config if p.compress_cache else None)
             out.append(MicroBatch(
                 sequences=ids.to(self.device), skip=skip,
                 step=StepInputs(ids_t, mask_t, positions, cache),
@@ -101,7 +102,7 @@ class BlockEngine:
     def run_block(self, micro_batches: list[MicroBatch], new_tokens: int, chooser: TokenChooser,
                   on_scores=None) -> int:
         """Generate up to ``new_tokens`` tokens for every micro-batch; returns steps run."""
-        steps, bytes_before = 0, self.store.index.bytes_read
+        steps, bytes_before = 0, self.store.bytes_read
         waits_before = self.weights_io.wait_s + self.cache_io.wait_s
         try:
             for _ in range(new_tokens):
@@ -121,7 +122,7 @@ class BlockEngine:
             for mb in micro_batches:
                 self.stats.kv_bytes_read += mb.step.cache.bytes_read
                 mb.step.cache.close()
-            self.stats.weight_bytes_read += self.store.index.bytes_read - bytes_before
+            self.stats.weight_bytes_read += self.store.bytes_read - bytes_before
             self.stats.io_wait_s += self.weights_io.wait_s + self.cache_io.wait_s - waits_before
         return steps
 

@@ -16,7 +16,8 @@ from .engine import BlockEngine, EngineStats
 from .families import adapter_for
 from .generation import TokenChooser, max_new_tokens, pad_id, resolve_generation_config
 from .memory.checkpoint import CheckpointIndex
-from .memory.resolve import resolve_checkpoint_dir, safetensors_files
+from .memory.compressed import CompressedWeights
+from .memory.resolve import cache_root, resolve_checkpoint_dir, safetensors_files
 from .memory.weights import WeightStore
 from .ops.attention import register_attention
 from .policy import Policy
@@ -79,8 +80,13 @@ class FlexGenForCausalLM:
         prefix = self.model.base_model_prefix
         stage_keys = [{n: checkpoint_key(n, index, tied, prefix) for n in names}
                       for names in self.adapter.stage_parameters()]
+        compressed = None
+        if policy.compress_weight:
+            keys = [k for stage in stage_keys for k in stage.values()]
+            compressed = CompressedWeights(index, keys, policy.comp_weight_config,
+                                           cache_root() / "compressed")
         self.store = WeightStore(index, stage_keys, policy.shares("w"), device, dtype,
-                                 pin_memory=policy.pin_weight)
+                                 pin_memory=policy.pin_weight, compressed=compressed)
         self.engine = BlockEngine(self.adapter, self.store, policy, device, self.offload_dir)
         self.last_stats: dict = {}
 
@@ -162,6 +168,8 @@ class FlexGenForCausalLM:
     def close(self) -> None:
         self.engine.close()
         self.store.index.close()
+        if self.store.compressed is not None:
+            self.store.compressed.close()
         if self._own_offload_dir:
             shutil.rmtree(self.offload_dir, ignore_errors=True)
 

@@ -65,7 +65,8 @@ class Policy:
     compress_weight: bool = False
     comp_weight_config: CompressionConfig = field(default_factory=lambda: CompressionConfig(group_dim=0))
     compress_cache: bool = False
-    comp_cache_config: CompressionConfig = field(default_factory=lambda: CompressionConfig(group_dim=2))
+    # KV cache tensors are (batch, heads, tokens, head_dim): group along head_dim
+    comp_cache_config: CompressionConfig = field(default_factory=lambda: CompressionConfig(group_dim=-1))
 
     def __post_init__(self):
         for name in ("gpu_batch_size", "num_gpu_batches"):
@@ -102,8 +103,6 @@ class Policy:
         pending = {
             "cpu_cache_compute": self.cpu_cache_compute,
             "attn_sparsity": self.attn_sparsity != 1.0,
-            "compress_weight": self.compress_weight,
-            "compress_cache": self.compress_cache,
         }
         for name, requested in pending.items():
             if requested:

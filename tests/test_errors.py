@@ -25,7 +25,7 @@ def test_invalid_policy_names_the_field(kwargs, field):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("compress_weight", True), ("compress_cache", True), ("cpu_cache_compute", True),
+    ("cpu_cache_compute", True),
     ("attn_sparsity", 0.5),
 ])
 def test_pending_features_refuse_loudly(field, value):

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.quantize import QuantizedTensor, dequantize
 from ..policy import CPU, DEVICE, DISK, assign_homes
 from .checkpoint import CheckpointIndex
+from .compressed import CompressedWeights
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +30,14 @@ class WeightSpec:
 
 
 class WeightStore:
-    """Holds resident weights (device / cpu homes) and reads disk-homed ones per use."""
+    """Holds resident weights (device / cpu homes) and reads disk-homed ones per use.
+    With ``compressed``, weights of two or more dimensions are kept, moved and read in their
+    quantized form and dequantized on the compute device right before use."""
 
     def __init__(self, index: CheckpointIndex, stage_keys: list[dict[str, str]],
                  shares: dict[str, float], device: torch.device, dtype: torch.dtype,
-                 pin_memory: bool = False):
-        self.index, self.device, self.dtype = index, device, dtype
+                 pin_memory: bool = False, compressed: CompressedWeights | None = None):
+        self.index, self.device, self.dtype, self.compressed = index, device, dtype, compressed
         self.pin_memory = pin_memory and device.type == "cuda"
         self.stages: list[list[WeightSpec]] = []
         for names_to_keys in stage_keys:
@@ -59,12 +63,31 @@ class WeightStore:
             if (spec.key, spec.home) in seen:
                 continue
             seen.add((spec.key, spec.home))
+            if self._is_compressed(spec):
+                totals[spec.home] += self.compressed.nbytes(spec.key)
+                continue
             itemsize = (self.index.locations[spec.key].dtype.itemsize if spec.home == DISK
                         else self.dtype.itemsize)
             totals[spec.home] += spec.numel * itemsize
         return totals
 
-    def _load_resident(self, spec: WeightSpec) -> torch.Tensor:
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from checkpoint files so far (source and compressed copy)."""
+        return self.index.bytes_read + (self.compressed.index.bytes_read if self.compressed else 0)
+
+    def _is_compressed(self, spec: WeightSpec) -> bool:
+        return self.compressed is not None and spec.key in self.compressed
+
+    def _load_resident(self, spec: WeightSpec):
+        if self._is_compressed(spec):
+            q = self.compressed.read(spec.key)
+            if spec.home == DEVICE:
+                return q.to(self.device)
+            if not self.pin_memory:
+                return q
+            return QuantizedTensor(q.data.pin_memory(), q.scale.pin_memory(),
+                                   q.minimum.pin_memory(), q.shape, q.config)
         tensor = self.index.read(spec.key).to(self.dtype)
         if spec.home == DEVICE:
             return tensor.to(self.device)
@@ -74,7 +97,11 @@ class WeightStore:
         """One stage's weights on the compute device, keyed by HF parameter name."""
         out = {}
         for spec in self.stages[stage]:
-            if spec.home == DISK:
+            if self._is_compressed(spec):
+                q = (self.compressed.read(spec.key) if spec.home == DISK
+                     else self._resident[(spec.key, spec.home)])
+                out[spec.name] = dequantize(q.to(self.device, non_blocking=True), self.dtype)
+            elif spec.home == DISK:
                 out[spec.name] = self._read_from_disk(spec, slot=stage % 2)
             else:
                 out[spec.name] = self._resident[(spec.key, spec.home)].to(
