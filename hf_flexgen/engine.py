@@ -32,6 +32,8 @@ class MicroBatch:
     step: StepInputs          # what the next token step feeds the model
     unfinished: torch.Tensor  # (batch,) bool
     act_home: str
+    first_row: int            # index of the micro-batch's first row in the block
+    forced: torch.Tensor | None = None  # (batch, steps): teacher-forced tokens, for scoring
     hidden: torch.Tensor | None = None
 
     @property
@@ -75,10 +77,12 @@ class BlockEngine:
         return len(self.store.stages)
 
     def start_micro_batches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            new_tokens: int) -> list[MicroBatch]:
-        """Cut a block's rows into micro-batches, giving each its cache and activation home."""
+                            new_tokens: int, forced: torch.Tensor | None = None) -> list[MicroBatch]:
+        """Cut a block's rows into micro-batches, giving each its cache and activation home.
+        ``forced`` (rows, new_tokens) replaces the chosen tokens (teacher forcing)."""
         p = self.policy
         chunks = list(zip(input_ids.split(p.gpu_batch_size), attention_mask.split(p.gpu_batch_size)))
+        forced_chunks = forced.split(p.gpu_batch_size) if forced is not None else [None] * len(chunks)
         k_count, layers = len(chunks), self.adapter.num_layers
         cache_homes = spread_units(layers * k_count, p.shares("cache"))
         act_homes = spread_units(k_count, p.shares("act"))
@@ -96,7 +100,8 @@ class BlockEngine:
                 sequences=ids.to(self.device), skip=skip,
                 step=StepInputs(ids_t, mask_t, positions, cache),
                 unfinished=torch.ones(ids.shape[0], dtype=torch.bool, device=self.device),
-                act_home=act_homes[k]))
+                act_home=act_homes[k], first_row=k * p.gpu_batch_size,
+                forced=None if forced_chunks[k] is None else forced_chunks[k].to(self.device)))
         return out
 
     def run_block(self, micro_batches: list[MicroBatch], new_tokens: int, chooser: TokenChooser,
@@ -159,7 +164,10 @@ class BlockEngine:
         scores = chooser.scores(mb.sequences, logits)
         if on_scores is not None:
             on_scores(mb, step, logits, scores)
-        tokens, mb.unfinished = chooser.choose(scores, mb.unfinished)
+        if mb.forced is not None:
+            tokens = mb.forced[:, step]
+        else:
+            tokens, mb.unfinished = chooser.choose(scores, mb.unfinished)
         mb.sequences = torch.cat([mb.sequences, tokens[:, None]], dim=1)
         s = mb.step
         mb.step = StepInputs(

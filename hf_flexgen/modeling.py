@@ -165,6 +165,33 @@ class FlexGenForCausalLM:
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=recorder.stack("scores"),
                                          logits=recorder.stack("logits"))
 
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              targets: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (rows, targets) of ``targets`` continuing each left-padded prompt,
+        teacher-forced through the block schedule token by token, so the KV cache (and its
+        compression, placement) is used exactly as in generation."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        steps = targets.shape[1]
+        out = torch.empty(targets.shape, dtype=torch.float32)
+        block_start = 0
+
+        def record(mb, step, logits, _scores):
+            rows = slice(block_start + mb.first_row, block_start + mb.first_row + len(logits))
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            out[rows, step] = logprobs.gather(1, mb.forced[:, step:step + 1]).squeeze(1).cpu()
+
+        chooser = TokenChooser(GenerationConfig(do_sample=False), input_ids.shape[1], self.device)
+        self.engine.stats = EngineStats()
+        for block_start in range(0, input_ids.shape[0], self.policy.block_size):
+            rows = slice(block_start, block_start + self.policy.block_size)
+            mbs = self.engine.start_micro_batches(input_ids[rows].cpu(), attention_mask[rows].cpu(),
+                                                  steps, forced=targets[rows].cpu())
+            self.engine.run_block(mbs, steps, chooser, record)
+        self.last_stats = self.engine.stats.as_dict()
+        return out
+
     def close(self) -> None:
         self.engine.close()
         self.store.index.close()
@@ -192,24 +219,21 @@ class _ScoreRecorder:
     def __init__(self, config: GenerationConfig, batch: int):
         self.want = {"scores": bool(config.return_dict_in_generate and config.output_scores),
                      "logits": bool(config.return_dict_in_generate and config.output_logits)}
-        self.batch, self.block_start, self.rows_seen = batch, 0, {}
+        self.batch, self.block_start = batch, 0
         self.steps: dict[str, list[torch.Tensor]] = {"scores": [], "logits": []}
-        self.mb_offsets: dict[int, int] = {}
 
     @property
     def wanted(self) -> bool:
         return any(self.want.values())
 
     def __call__(self, mb, step: int, logits: torch.Tensor, scores: torch.Tensor) -> None:
-        offset = self.mb_offsets.setdefault(id(mb), self.block_start + sum(
-            n for (blk, _), n in self.rows_seen.items() if blk == self.block_start))
-        self.rows_seen.setdefault((self.block_start, id(mb)), mb.sequences.shape[0])
+        rows = slice(self.block_start + mb.first_row, self.block_start + mb.first_row + len(logits))
         for kind, values in (("scores", scores), ("logits", logits)):
             if not self.want[kind]:
                 continue
             while len(self.steps[kind]) <= step:
                 self.steps[kind].append(torch.full((self.batch, values.shape[-1]), float("-inf")))
-            self.steps[kind][step][offset:offset + len(values)] = values.float().cpu()
+            self.steps[kind][step][rows] = values.float().cpu()
 
     def stack(self, kind: str):
         return tuple(self.steps[kind]) if self.want[kind] else None

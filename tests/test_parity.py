@@ -133,3 +133,22 @@ def _header(directory) -> int:
         with open(path, "rb") as f:
             total += 8 + struct.unpack("<Q", f.read(8))[0]
     return total
+
+
+@pytest.mark.parametrize("policy", [Policy(gpu_batch_size=2, num_gpu_batches=2),
+                                    Policy(gpu_batch_size=3, num_gpu_batches=1, w_gpu_percent=0,
+                                           cache_gpu_percent=0, cache_cpu_percent=0, overlap=True)],
+                         ids=["device", "disk"])
+def test_score_matches_hf_log_probs(tiny_checkpoint, tmp_path, policy):
+    reference, directory = tiny_checkpoint("llama-gqa")
+    ids, mask = left_padded_prompts(count=5, max_len=6, seed=7)
+    targets = torch.randint(4, 100, (5, 5), generator=torch.Generator().manual_seed(1))
+    full_ids, full_mask = torch.cat([ids, targets], 1), torch.cat([mask, torch.ones_like(targets)], 1)
+    positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
+    with torch.no_grad():
+        logits = reference(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits
+    expected = torch.log_softmax(logits[:, ids.shape[1] - 1:-1].float(), -1).gather(
+        2, targets[..., None]).squeeze(-1)
+    model = FlexGenForCausalLM.from_pretrained(directory, policy=policy, offload_dir=tmp_path)
+    torch.testing.assert_close(model.score(ids, mask, targets), expected, atol=1e-4, rtol=1e-4)
+    model.close()
