@@ -50,6 +50,8 @@ class EngineStats:
     io_wait_s: float = 0.0      # compute thread blocked on weight / KV I/O
     weight_bytes_read: int = 0  # from disk (checkpoint files read in place)
     kv_bytes_read: int = 0      # KV cache moved from its home to the compute device
+    kv_bytes_stored: int = 0    # largest KV cache a block held (all homes, at its end)
+    v_bytes_read: int = 0       # bytes of V attention read from the cache (sparsity reads fewer)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -95,7 +97,8 @@ class BlockEngine:
             cache = FlexKVCache([cache_homes[j * k_count + k] for j in range(layers)],
                                 capacity=ids_t.shape[1] + new_tokens, device=self.device,
                                 directory=self.offload_dir, io=self.cache_io,
-                                compression=p.comp_cache_config if p.compress_cache else None)
+                                compression=p.comp_cache_config if p.compress_cache else None,
+                                delegate=p.cpu_cache_compute, sparsity=p.attn_sparsity)
             out.append(MicroBatch(
                 sequences=ids.to(self.device), skip=skip,
                 step=StepInputs(ids_t, mask_t, positions, cache),
@@ -124,8 +127,11 @@ class BlockEngine:
                 steps += 1
         finally:
             self.cache_io.wait(self.cache_io.submit(lambda: None))  # pending KV writes land
+            stored = sum(sum(mb.step.cache.nbytes_by_home().values()) for mb in micro_batches)
+            self.stats.kv_bytes_stored = max(self.stats.kv_bytes_stored, stored)
             for mb in micro_batches:
                 self.stats.kv_bytes_read += mb.step.cache.bytes_read
+                self.stats.v_bytes_read += mb.step.cache.values_bytes_read
                 mb.step.cache.close()
             self.stats.weight_bytes_read += self.store.bytes_read - bytes_before
             self.stats.io_wait_s += self.weights_io.wait_s + self.cache_io.wait_s - waits_before

@@ -7,7 +7,7 @@ names; the CPU itself on a machine without an accelerator), host RAM ("cpu"), an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 DEVICE, CPU, DISK = "device", "cpu", "disk"
 HOMES = (DEVICE, CPU, DISK)
@@ -96,20 +96,6 @@ class Policy:
         for name in ("comp_weight_config", "comp_cache_config"):
             if not isinstance(getattr(self, name), CompressionConfig):
                 raise ValueError(f"Policy.{name} must be a CompressionConfig, got {getattr(self, name)!r}")
-        self._refuse_unimplemented()
-
-    def _refuse_unimplemented(self) -> None:
-        """Fields whose feature has not landed yet fail loudly instead of doing nothing."""
-        pending = {
-            "cpu_cache_compute": self.cpu_cache_compute,
-            "attn_sparsity": self.attn_sparsity != 1.0,
-        }
-        for name, requested in pending.items():
-            if requested:
-                raise NotImplementedError(
-                    f"Policy.{name} is not supported yet; leave it at its default "
-                    f"({next(f.default for f in fields(Policy) if f.name == name)!r})"
-                )
 
     @property
     def block_size(self) -> int:

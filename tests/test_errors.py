@@ -24,15 +24,6 @@ def test_invalid_policy_names_the_field(kwargs, field):
         Policy(**kwargs)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("cpu_cache_compute", True),
-    ("attn_sparsity", 0.5),
-])
-def test_pending_features_refuse_loudly(field, value):
-    with pytest.raises(NotImplementedError, match=f"Policy.{field} is not supported yet"):
-        Policy(**{field: value})
-
-
 def test_compression_config_validation():
     with pytest.raises(ValueError, match="num_bits"):
         CompressionConfig(num_bits=3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,12 +37,22 @@ class DenseKVStorage:
         for buffer, part in zip(self.buffers, parts):
             buffer[:, :, start:end].copy_(part, non_blocking=True)
 
-    def read(self, end: int) -> list[torch.Tensor]:
-        """Every part's first ``end`` tokens on the compute device."""
-        views = [b[:, :, :end] for b in self.buffers]
-        if self.moves_on_read:
+    def read(self, end: int, parts=None, device: torch.device | None = None) -> list[torch.Tensor]:
+        """The first ``end`` tokens of every part (or of ``parts``), on ``device`` (default:
+        the compute device)."""
+        device = device or self.compute_device
+        views = [self.buffers[i][:, :, :end] for i in (parts or range(len(self.buffers)))]
+        if device != self.storage_device:
             self.bytes_read += sum(v.numel() * v.element_size() for v in views)
-        return [v.to(self.compute_device, non_blocking=True) for v in views]
+        return [v.to(device, non_blocking=True) for v in views]
+
+    def gather(self, parts, index: tuple[torch.Tensor, ...], device: torch.device) -> list[torch.Tensor]:
+        """Rows ``buffer[batch, head, token]`` of ``parts`` only, moved to ``device``."""
+        index = tuple(i.to(self.storage_device) for i in index)
+        rows = [self.buffers[i][index] for i in parts]
+        if device != self.storage_device:
+            self.bytes_read += sum(r.numel() * r.element_size() for r in rows)
+        return [r.to(device, non_blocking=True) for r in rows]
 
     @property
     def nbytes(self) -> int:
@@ -81,15 +92,22 @@ class DiskKVStorage:
             while written < data.nbytes:
                 written += os.pwrite(self.fd, data[written:], offset + written)
 
-    def read(self, end: int) -> list[torch.Tensor]:
+    def read(self, end: int, parts=None, device: torch.device | None = None) -> list[torch.Tensor]:
         out = []
-        for row, dtype, region in self.layout:
+        for i in parts or range(len(self.layout)):
+            row, dtype, region = self.layout[i]
             rows = torch.empty(end, *row, dtype=dtype)
             read_exact(self.fd, memoryview(rows.view(-1).view(torch.uint8).numpy()), region)
             drop_page_cache(self.fd, region, end * _row_bytes(row, dtype))
             self.bytes_read += end * _row_bytes(row, dtype)
-            out.append(rows.movedim(0, 2).to(self.compute_device))  # (batch, heads, end, ...)
+            out.append(rows.movedim(0, 2).to(device or self.compute_device))  # (batch, heads, end, ...)
         return out
+
+    def gather(self, parts, index: tuple[torch.Tensor, ...], device: torch.device) -> list[torch.Tensor]:
+        """Token-major rows hold every (batch, head): selected rows cost whole-part reads here."""
+        end = int(index[2].max()) + 1
+        return [full[tuple(i.to(full.device) for i in index)].to(device)
+                for full in self.read(end, parts, device)]
 
     @property
     def nbytes(self) -> int:
@@ -127,12 +145,28 @@ class OffloadedKVLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, storage, capacity: int, io: IOWorker,
-                 compression: CompressionConfig | None = None):
+                 compression: CompressionConfig | None = None, home: str = DEVICE,
+                 delegate: bool = False, sparsity: float = 1.0):
         super().__init__()
         self.storage, self.capacity, self.io, self.length = storage, capacity, io, 0
-        self.compression = compression
+        self.compression, self.home, self.delegate, self.sparsity = compression, home, delegate, sparsity
         self._past = None  # pending read of the stored past, from prefetch_past()
+        self.values_bytes_read = 0  # bytes of V that attention read from this layer's cache
         self.is_initialized = True
+
+    @property
+    def key_parts(self) -> list[int]:
+        return [0] if self.compression is None else [0, 1, 2]
+
+    @property
+    def value_parts(self) -> list[int]:
+        return [1] if self.compression is None else [3, 4, 5]
+
+    def stored(self, method: str, *args):
+        """Call a storage read after every pending write of this layer has landed."""
+        if self.storage.moves_on_read:
+            return self.io.wait(self.io.submit(getattr(self.storage, method), *args))
+        return getattr(self.storage, method)(*args)
 
     def _encode(self, keys: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
         if self.compression is None:
@@ -146,11 +180,15 @@ class OffloadedKVLayer(CacheLayerMixin):
     def _decode(self, parts: list[torch.Tensor], dtype: torch.dtype):
         if self.compression is None:
             return parts[0], parts[1]
-        out = []
-        for data, scale, minimum in (parts[:3], parts[3:]):
-            shape = (*data.shape[:3], self.head_dim)
-            out.append(dequantize(QuantizedTensor(data, scale, minimum, shape, self.compression), dtype))
-        return out[0], out[1]
+        return self._decode_one(parts[:3], dtype), self._decode_one(parts[3:], dtype)
+
+    def _decode_one(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """One tensor back from its stored part(s); rows keep their leading shape."""
+        if self.compression is None:
+            return parts[0]
+        data, scale, minimum = parts
+        shape = (*data.shape[:-2], self.head_dim)
+        return dequantize(QuantizedTensor(data, scale, minimum, shape, self.compression), dtype)
 
     def lazy_initialization(self, key_states, value_states) -> None:  # storage allocates itself
         pass
@@ -168,14 +206,20 @@ class OffloadedKVLayer(CacheLayerMixin):
             raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({start} + {new})")
         self.head_dim, dtype = key_states.shape[-1], key_states.dtype
         parts = self._encode(key_states, value_states)
+        if start and new == 1 and (self.sparsity < 1 or (self.delegate and self.home == CPU)):
+            return self._handle(start, parts, key_states, value_states)
         past = None
         if not self.storage.moves_on_read:  # resident next to compute: append in place
             self.storage.write(start, parts, self.capacity)
             self.length = start + new
             if self.compression is None:
+                if start:  # attention reads the stored past (this step's token is in memory)
+                    self.values_bytes_read += _nbytes(self.storage.read(start, self.value_parts))
                 return tuple(self.storage.read(self.length))  # views, no copy
             if start:
-                past = self._decode(self.storage.read(start), dtype)
+                stored = self.storage.read(start)
+                self.values_bytes_read += _nbytes([stored[i] for i in self.value_parts])
+                past = self._decode(stored, dtype)
         else:
             if start:
                 self.prefetch_past()  # no-op when already prefetched
@@ -187,6 +231,17 @@ class OffloadedKVLayer(CacheLayerMixin):
             return key_states, value_states
         return (torch.cat([past[0], key_states], dim=-2),
                 torch.cat([past[1], value_states], dim=-2))
+
+    def _handle(self, start: int, parts, key_states, value_states) -> tuple["CacheHandle", "CacheHandle"]:
+        """Store the new token and let attention read the cache where it lives."""
+        if self.storage.moves_on_read:
+            self.io.submit(self.storage.write, start, parts, self.capacity)
+        else:
+            self.storage.write(start, parts, self.capacity)
+        self.length = start + 1
+        where = self.storage.storage_device if self.delegate and self.home == CPU else key_states.device
+        handle = CacheHandle(self, start, key_states, value_states, where, self.sparsity)
+        return handle, handle
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -201,13 +256,61 @@ class OffloadedKVLayer(CacheLayerMixin):
         self.length = 0
 
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class CacheHandle:
+    """What a layer's ``update`` returns, as both keys and values, when attention should read
+    the cache where it lives (CPU delegation) or read only some value rows (top-K sparsity).
+    Attention (ops/attention.py) asks it for keys, values, or selected value rows."""
+
+    layer: OffloadedKVLayer
+    past: int                   # tokens stored before this step
+    new_keys: torch.Tensor      # (batch, kv_heads, 1, head_dim), this step's token
+    new_values: torch.Tensor
+    where: torch.device         # where attention runs
+    sparsity: float
+
+    def keys(self) -> torch.Tensor:
+        stored = self.layer.stored("read", self.past, self.layer.key_parts, self.where)
+        past = self.layer._decode_one(stored, self.new_keys.dtype)
+        return torch.cat([past, self.new_keys.to(self.where)], dim=-2)  # (batch, kv_heads, n, head_dim)
+
+    def values(self) -> torch.Tensor:
+        stored = self.layer.stored("read", self.past, self.layer.value_parts, self.where)
+        self.layer.values_bytes_read += _nbytes(stored)
+        past = self.layer._decode_one(stored, self.new_values.dtype)
+        return torch.cat([past, self.new_values.to(self.where)], dim=-2)
+
+    def value_rows(self, batch: torch.Tensor, head: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """Value rows (..., head_dim) at (batch, kv_head, token); each distinct stored row is
+        read once, the newest token comes from memory."""
+        out = torch.empty(*token.shape, self.new_values.shape[-1], dtype=self.new_values.dtype,
+                          device=self.where)
+        is_new = token >= self.past
+        new = self.new_values.to(self.where)[batch[is_new], head[is_new], token[is_new] - self.past]
+        out[is_new] = new
+        if (~is_new).any():
+            n_heads = self.new_values.shape[1]
+            flat = (batch[~is_new] * n_heads + head[~is_new]) * self.past + token[~is_new]
+            unique, inverse = torch.unique(flat, return_inverse=True)
+            rows = (unique // self.past // n_heads, unique // self.past % n_heads, unique % self.past)
+            stored = self.layer.stored("gather", self.layer.value_parts, rows, self.where)
+            self.layer.values_bytes_read += _nbytes(stored)
+            out[~is_new] = self.layer._decode_one(stored, out.dtype)[inverse]
+        return out
+
+
 class FlexKVCache(Cache):
     """The cache of one micro-batch: a list of per-layer caches, each in its own home."""
 
     def __init__(self, homes: list[str], capacity: int, device: torch.device,
-                 directory: Path | None, io: IOWorker, compression: CompressionConfig | None = None):
+                 directory: Path | None, io: IOWorker, compression: CompressionConfig | None = None,
+                 delegate: bool = False, sparsity: float = 1.0):
         super().__init__(layers=[OffloadedKVLayer(make_storage(h, device, directory), capacity, io,
-                                                  compression) for h in homes])
+                                                  compression, h, delegate, sparsity) for h in homes])
         self.homes = list(homes)
 
     def nbytes_by_home(self) -> dict[str, int]:
@@ -219,6 +322,10 @@ class FlexKVCache(Cache):
     @property
     def bytes_read(self) -> int:
         return sum(layer.storage.bytes_read for layer in self.layers)
+
+    @property
+    def values_bytes_read(self) -> int:
+        return sum(layer.values_bytes_read for layer in self.layers)
 
     def close(self) -> None:
         for layer in self.layers:
