@@ -1,13 +1,24 @@
-"""``hf-flexgen`` command line. Argument parsing and printing live only here."""
+"""``hf-flexgen`` command line. Argument parsing and printing live only here.
+
+``hf-flexgen generate`` runs a JSONL batch job: prompts are sorted by token length into
+blocks, each finished block's results are appended to the output and fsync'd, and rerunning
+the same command skips the ids already there (a crash loses at most the block in flight).
+Bad input gets a one-line error and exit code 2, before any weight is loaded where possible.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+PROG = "hf-flexgen"
 EXAMPLE_PROMPTS = [
     "What is the capital of France?",
     "Give three tips for writing clear emails.",
@@ -18,94 +29,333 @@ EXAMPLE_PROMPTS = [
 ]
 
 
-def read_jobs(path: Path) -> list[dict]:
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: object
+    prompt: object   # a string or a list of chat messages
+    where: str       # "file:line", for messages
+
+
+# -- input --------------------------------------------------------------------------------
+def read_jobs(path: Path) -> list[Job]:
     """``{"id", "prompt"}`` or ``{"id", "messages"}`` lines; errors name the line number."""
-    jobs, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            job = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"{path}:{number}: not valid JSON ({err.msg})")
-        if not isinstance(job, dict) or "id" not in job or not ({"prompt", "messages"} & job.keys()):
-            raise SystemExit(f'{path}:{number}: each line needs "id" and "prompt" or "messages"')
-        if job["id"] in seen:
-            raise SystemExit(f"{path}:{number}: duplicate id {job['id']!r}")
-        seen.add(job["id"])
-        jobs.append(job)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CliError(f"cannot read the input file {path}: {getattr(err, 'strerror', None) or err}")
+    jobs, first_line = [], {}
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            job = parse_job(line, f"{path}:{number}")
+            if job.id in first_line:
+                raise CliError(f"{job.where}: duplicate id {job.id!r} (first on line {first_line[job.id]})")
+            first_line[job.id] = number
+            jobs.append(job)
+    if not jobs:
+        raise CliError(f"{path} holds no prompts")
     return jobs
 
 
-def done_ids(path: Path | None) -> set:
-    if path is None or not path.exists():
-        return set()
-    return {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
+def parse_job(line: str, where: str) -> Job:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise CliError(f"{where}: not valid JSON ({err.msg})")
+    if not isinstance(record, dict):
+        raise CliError(f'{where}: expected a JSON object with "id" and "prompt" or "messages"')
+    if "id" not in record or record["id"] is None:
+        raise CliError(f'{where}: missing "id"')
+    if isinstance(record["id"], bool) or not isinstance(record["id"], (str, int)):
+        raise CliError(f'{where}: "id" must be a string or an integer, got {record["id"]!r}')
+    if ("prompt" in record) == ("messages" in record):
+        raise CliError(f'{where}: needs exactly one of "prompt" or "messages"')
+    if "prompt" in record and not isinstance(record["prompt"], str):
+        raise CliError(f'{where}: "prompt" must be a string')
+    if "messages" in record and not valid_messages(record["messages"]):
+        raise CliError(f'{where}: "messages" must be a non-empty list of '
+                       '{"role": ..., "content": ...} objects')
+    return Job(record["id"], record.get("prompt", record.get("messages")), where)
 
 
+def valid_messages(messages) -> bool:
+    return (isinstance(messages, list) and bool(messages)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m
+                    for m in messages))
+
+
+# -- output -------------------------------------------------------------------------------
+class ResultsFile:
+    """The JSONL output: ids already done, repair of a line cut by a crash, block appends."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.is_dir():
+            raise CliError(f"cannot write the output file {path}: it is a directory")
+        self._created = not path.exists()
+        try:
+            self._file = open(path, "a", encoding="utf-8")
+        except OSError as err:
+            raise CliError(f"cannot write the output file {path}: {err.strerror or err}")
+        try:
+            self._lock()
+            self.done = self._load()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _lock(self) -> None:
+        """One run per output file: a second one would write the same ids again."""
+        try:
+            import fcntl
+        except ImportError:  # not on POSIX: no lock
+            return
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CliError(f"another run is writing {self.path}; wait for it or stop it first")
+
+    def _load(self) -> set:
+        """Ids already written. A last line cut short by a crash (no newline after it, or not
+        JSON) is removed from the file; a bad line with lines after it is an error."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return set()
+        except OSError as err:
+            raise CliError(f"cannot read the output file {self.path}: {err.strerror or err}")
+        lines = data.split(b"\n")  # the last item is what follows the final newline
+        done, good_end = set(), 0
+        for number, raw in enumerate(lines, start=1):
+            complete = number < len(lines)
+            if complete and not raw.strip():
+                good_end += len(raw) + 1
+                continue
+            record = self._parse(raw) if complete else None
+            if record is None:
+                if any(rest.strip() for rest in lines[number:]):
+                    raise CliError(f"{self.path}:{number}: not a result line; fix or move the file")
+                break
+            done.add(record["id"])
+            good_end += len(raw) + 1
+        if good_end < len(data):
+            logging.warning("%s: removing a last line cut short by a crash; its prompt runs again",
+                            self.path)
+            os.truncate(self.path, good_end)
+        return done
+
+    @staticmethod
+    def _parse(raw: bytes):
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return record if isinstance(record, dict) and "id" in record else None
+
+    def write_block(self, records: list[dict]) -> None:
+        """One write per block, flushed and fsync'd: a crash loses at most the block in flight."""
+        self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+        if self._created and self.path.stat().st_size == 0:
+            self.path.unlink()  # the run failed before any result: leave no empty file
+
+
+class StdoutResults:
+    def __init__(self):
+        self.done: set = set()
+
+    def write_block(self, records: list[dict]) -> None:
+        sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        pass
+
+
+# -- model --------------------------------------------------------------------------------
+def build_policy(args):
+    from .policy import Policy
+
+    if args.policy == "auto":
+        # Remove once the engine's policy="auto" (issue 6) lands: pass "auto" through then.
+        raise CliError("--policy auto is not implemented yet (issue 6); choose a placement with "
+                       "--percent W_GPU W_CPU CACHE_GPU CACHE_CPU ACT_GPU ACT_CPU, "
+                       "--gpu-batch-size N and --num-gpu-batches K")
+    try:
+        return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
+                                   num_gpu_batches=args.num_gpu_batches)
+    except (ValueError, NotImplementedError) as err:
+        raise CliError(f"bad policy: {err}")
+
+
+def check_model(name):
+    """(directory, config) of the checkpoint, checked without reading weights."""
+    from .pipeline import load_checkpoint_config
+
+    if name is None:
+        from .default_model import default_model_dir
+        try:
+            name = default_model_dir()
+        except RuntimeError as err:
+            raise CliError(f"could not prepare the built-in model: {one_line(err)}")
+    try:
+        return load_checkpoint_config(name)
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(f"--model {name}: {one_line(err)}")
+
+
+def load_model(directory, policy, args):
+    from .modeling import FlexGenForCausalLM
+
+    with memory_errors(policy):
+        try:
+            return FlexGenForCausalLM.from_pretrained(directory, policy=policy, device=args.device,
+                                                      offload_dir=args.offload_dir)
+        except (FileNotFoundError, ValueError, NotImplementedError) as err:
+            raise CliError(f"--model {directory}: {one_line(err)}")
+
+
+@contextmanager
+def memory_errors(policy):
+    """Turns the engine's out-of-memory (or out-of-disk) errors into a CliError that says what
+    to change."""
+    try:
+        yield
+    except (MemoryError, RuntimeError, OSError) as err:
+        if not is_memory_error(err):
+            raise
+        raise CliError(f"the policy does not fit in this machine's memory or disk ({one_line(err)}); "
+                       f"lower --gpu-batch-size ({policy.gpu_batch_size}) or --num-gpu-batches "
+                       f"({policy.num_gpu_batches}), or move weights / KV cache off the device "
+                       "with --percent") from err
+
+
+def is_memory_error(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    return isinstance(err, MemoryError) or "memory" in str(err).lower()
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if text else type(err).__name__
+
+
+# -- the command --------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     from transformers import AutoTokenizer
 
-    from . import FlexGenForCausalLM, Policy
-    from .pipeline import generate_blocks
+    from .pipeline import check_prompt_lengths, encode_prompts, plan_blocks, run_blocks
 
-    jobs = (read_jobs(Path(args.input)) if args.input
-            else [{"id": i, "prompt": p} for i, p in enumerate(EXAMPLE_PROMPTS)])
-    output = Path(args.output) if args.output else None
-    finished = done_ids(output)
-    todo = [j for j in jobs if j["id"] not in finished]
-    if finished:
-        logging.info("resuming: %d of %d ids already in %s", len(jobs) - len(todo), len(jobs), output)
-    if not todo:
-        return 0
-    model_path = args.model
-    if model_path is None:
-        from .default_model import default_model_dir
-        model_path = default_model_dir()
-    policy = Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
-                                 num_gpu_batches=args.num_gpu_batches)
-    model = FlexGenForCausalLM.from_pretrained(model_path, policy=policy, device=args.device,
-                                               offload_dir=args.offload_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model.checkpoint_dir)
-    sampling = ({"do_sample": True, "temperature": args.temperature} if args.temperature > 0
-                else {"do_sample": False})
-    prompts = [j.get("messages", j.get("prompt")) for j in todo]
-    start, tokens = time.perf_counter(), 0
-    sink = open(output, "a") if output else sys.stdout
+    policy = build_policy(args)
+    jobs = (read_jobs(Path(args.input)) if args.input else
+            [Job(i, p, f"example {i}") for i, p in enumerate(EXAMPLE_PROMPTS)])
+    results = ResultsFile(Path(args.output)) if args.output else StdoutResults()
     try:
-        for block in generate_blocks(model, tokenizer, prompts, use_chat_template=not args.no_chat,
-                                     max_new_tokens=args.max_new_tokens, **sampling):
-            for c in block:
-                tokens += c.new_tokens
-                record = {"id": todo[c.index]["id"], "completion": c.text, "new_tokens": c.new_tokens}
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
-            logging.info("%d tokens, %.1f tokens/s", tokens, tokens / (time.perf_counter() - start))
+        skip = {n for n, job in enumerate(jobs) if job.id in results.done}
+        if len(skip) == len(jobs):
+            logging.info("all %d ids are already in %s: nothing to do", len(jobs), args.output)
+            return 0
+        directory, config = check_model(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        encoded = encode_jobs(tokenizer, jobs, not args.no_chat_template, encode_prompts)
+        lengths = [len(e) for e in encoded]
+        try:
+            check_prompt_lengths(lengths, config, args.max_new_tokens,
+                                 [f"{j.where} (id {j.id!r})" for j in jobs])
+        except ValueError as err:
+            raise CliError(str(err))
+        if skip:
+            logging.info("resuming: %d of %d ids already in %s", len(skip), len(jobs), args.output)
+        model = load_model(directory, policy, args)
+        try:
+            blocks = plan_blocks(lengths, policy.block_size)  # over all jobs: resumes rebuild them
+            completions = run_blocks(model, tokenizer, encoded, blocks, stop=args.stop, skip=skip,
+                                     **sampling_kwargs(args))
+            with memory_errors(policy):
+                write_results(completions, jobs, results, len(jobs) - len(skip), args.quiet)
+        finally:
+            model.close()
     finally:
-        if output:
-            sink.close()
-        model.close()
+        results.close()
     return 0
 
 
+def encode_jobs(tokenizer, jobs: list[Job], chat_template: bool, encode_prompts) -> list[list[int]]:
+    try:
+        return encode_prompts(tokenizer, [j.prompt for j in jobs], None if chat_template else False,
+                              names=[j.where for j in jobs])
+    except (ValueError, TypeError) as err:
+        raise CliError(one_line(err))
+
+
+def sampling_kwargs(args) -> dict:
+    """Greedy for --temperature 0; otherwise sampling, with HF's defaults where not given."""
+    if args.temperature <= 0:
+        return {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    if args.seed is not None:
+        import torch
+        torch.manual_seed(args.seed)
+    given = {"top_k": args.top_k, "top_p": args.top_p}
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": True, "temperature": args.temperature,
+            **{k: v for k, v in given.items() if v is not None}}
+
+
+def write_results(completions, jobs: list[Job], results, todo: int, quiet: bool) -> None:
+    """Append each block's results as it finishes; a progress bar on stderr."""
+    from tqdm import tqdm
+
+    start, tokens = time.perf_counter(), 0
+    with tqdm(total=todo, unit="prompt", desc="generate", file=sys.stderr, disable=quiet,
+              dynamic_ncols=True) as bar:
+        for block in completions:
+            results.write_block([{"id": jobs[c.index].id, "completion": c.text,
+                                  "new_tokens": c.new_tokens} for c in block])
+            tokens += sum(c.new_tokens for c in block)
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.1f} tok/s", refresh=False)
+            bar.update(len(block))
+    logging.info("%d prompts, %d new tokens in %.1f s", todo, tokens, time.perf_counter() - start)
+
+
+# -- parsing ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-flexgen", description=__doc__)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="batch generation over a JSONL file of prompts")
-    gen.add_argument("--model", help="checkpoint directory or hub id (default: built-in SmolLM2-135M-Instruct)")
+    gen.add_argument("--model", help="checkpoint directory or hub id "
+                                     "(default: the built-in SmolLM2-135M-Instruct)")
     gen.add_argument("--input", help='JSONL with {"id", "prompt"} or {"id", "messages"} per line '
                                      "(default: a few example prompts)")
-    gen.add_argument("--output", help="JSONL results, appended block by block; rerun to resume "
-                                      "(default: print to stdout)")
-    gen.add_argument("--percent", nargs=6, type=float, default=[100, 0, 100, 0, 100, 0],
-                     metavar=("W_GPU", "W_CPU", "CACHE_GPU", "CACHE_CPU", "ACT_GPU", "ACT_CPU"))
-    gen.add_argument("--gpu-batch-size", type=int, default=8)
-    gen.add_argument("--num-gpu-batches", type=int, default=1)
+    gen.add_argument("--output", help="JSONL results, appended block by block; rerun the same "
+                                      "command to resume (default: print to stdout)")
+    placement = gen.add_mutually_exclusive_group()
+    placement.add_argument("--policy", choices=["auto"],
+                           help="pick the placement automatically (not implemented yet)")
+    placement.add_argument("--percent", nargs=6, type=float, default=[100, 0, 100, 0, 100, 0],
+                           metavar=("W_GPU", "W_CPU", "CACHE_GPU", "CACHE_CPU", "ACT_GPU", "ACT_CPU"),
+                           help="FlexGen's placement percentages (default: all on the device)")
+    gen.add_argument("--gpu-batch-size", type=int, default=8, help="sequences per micro-batch")
+    gen.add_argument("--num-gpu-batches", type=int, default=1, help="micro-batches per block")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--device", default=None)
-    gen.add_argument("--offload-dir", default=None)
-    gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--stop", action="append", default=None, metavar="STRING",
+                     help="end a completion before this string (repeatable; excluded from it)")
+    gen.add_argument("--device", default=None, help="compute device (default: cuda if present, else cpu)")
+    gen.add_argument("--offload-dir", default=None, help="where disk-homed KV cache goes")
+    gen.add_argument("--no-chat-template", action="store_true",
+                     help='feed "prompt" strings as is instead of as a user turn of the chat template')
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
     return parser
 
@@ -113,11 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if getattr(args, "max_new_tokens", 1) < 1:
+        return fail("--max-new-tokens must be at least 1")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
-        logging.error("%s", err)
-        return 2
+    except CliError as err:
+        return fail(str(err))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
