@@ -1,0 +1,560 @@
+#!/usr/bin/env python
+"""hf_flexgen vs Hugging Face transformers + Accelerate offloading, side by side.
+
+Fairness rules applied to every configuration of both peers:
+
+* the same checkpoint (``benchmarks/make_checkpoint.py`` shapes), the same prompts (random
+  token ids from a fixed seed, no padding), the same generation length (greedy,
+  ``min_new_tokens == max_new_tokens`` so every sequence generates exactly that many tokens);
+* the same memory budget: each configuration runs in a fresh subprocess inside its own
+  cgroup v1 memory cgroup (RSS + page cache capped), after the page cache was dropped;
+* throughput = generated tokens / wall time of the whole generation (prefill included),
+  measured on the full workload (FlexGen's definition). Model loading is timed separately.
+  A configuration that does not finish is never extrapolated: a run stopped by the time
+  limit is reported as an upper bound, one killed by the cgroup OOM killer as "killed at
+  budget" and then re-measured at budgets x1.5, x1.5^2, ... until it survives;
+* each peer at its best settings: Accelerate over batch sizes and dtypes (``max_memory``
+  set to the budget minus room for its KV cache, activations and the Python runtime),
+  hf_flexgen over a few policies. Each peer's best is reported.
+
+Scenario ``cpu`` (default): OPT-1.3B shape, CPU only, weights streamed from disk.
+Scenario ``gpu``: OPT-30B shape, 16 GiB of GPU memory; needs a CUDA device.
+
+    python benchmarks/vs_accelerate.py --scenario cpu --model opt-1.3b --budget 4GiB \
+        --prompt-len 32 --gen-len 16 --num-prompts 32 --out benchmarks/results/vs_accelerate_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cgroup import cgroup_available, format_gib, parse_bytes, run_in_cgroup  # noqa: E402
+
+logger = logging.getLogger("vs_accelerate")
+
+FLEXGEN, ACCELERATE = "hf_flexgen", "accelerate"
+GiB = 2**30
+
+
+# -- configuration ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    model: str
+    checkpoint: str
+    prompt_len: int
+    gen_len: int
+    num_prompts: int
+    seed: int = 0
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.num_prompts * self.gen_len
+
+
+@dataclass(frozen=True)
+class FlexGenConfig:
+    gpu_batch_size: int
+    num_gpu_batches: int
+    w_gpu_percent: float = 0
+    w_cpu_percent: float = 0
+    cache_gpu_percent: float = 0
+    cache_cpu_percent: float = 100
+    overlap: bool = True
+
+    def label(self) -> str:
+        w_disk = 100 - self.w_gpu_percent - self.w_cpu_percent
+        c_disk = 100 - self.cache_gpu_percent - self.cache_cpu_percent
+        return (f"block {self.gpu_batch_size}x{self.num_gpu_batches}, w {self.w_gpu_percent:g}/"
+                f"{self.w_cpu_percent:g}/{w_disk:g}, kv {self.cache_gpu_percent:g}/"
+                f"{self.cache_cpu_percent:g}/{c_disk:g}, overlap={'on' if self.overlap else 'off'}")
+
+
+@dataclass(frozen=True)
+class AccelerateConfig:
+    batch_size: int
+    dtype: str                 # "float32", "float16", "bfloat16"
+    runtime_floor_gib: float   # budget kept free for the Python runtime and temporaries
+
+    def label(self) -> str:
+        return f"batch {self.batch_size}, {self.dtype}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    peer: str
+    config: dict               # asdict() of FlexGenConfig / AccelerateConfig
+    workload: Workload
+    budget_bytes: int          # host RAM budget (cgroup limit)
+    device: str = "cpu"
+    gpu_budget_bytes: int | None = None
+    offload_dir: str = "/tmp/vs_accelerate_offload"
+
+    def label(self) -> str:
+        cls = FlexGenConfig if self.peer == FLEXGEN else AccelerateConfig
+        return cls(**self.config).label()
+
+
+# -- worker side (runs inside the cgroup) ------------------------------------------------------
+def make_prompts(w: Workload, vocab_size: int):
+    import torch
+    gen = torch.Generator().manual_seed(w.seed)
+    # ids >= 4 avoid OPT's special tokens (pad 1, bos/eos 2); every prompt is full length
+    ids = torch.randint(4, vocab_size, (w.num_prompts, w.prompt_len), generator=gen)
+    return ids, torch.ones_like(ids)
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process caused to be fetched from storage (/proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def tokens_digest(new_tokens) -> str:
+    return hashlib.sha256(new_tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def run_flexgen(spec: RunSpec) -> dict:
+    from hf_flexgen import FlexGenForCausalLM, Policy
+    c, w = FlexGenConfig(**spec.config), spec.workload
+    policy = Policy(gpu_batch_size=c.gpu_batch_size, num_gpu_batches=c.num_gpu_batches,
+                    w_gpu_percent=c.w_gpu_percent, w_cpu_percent=c.w_cpu_percent,
+                    cache_gpu_percent=c.cache_gpu_percent, cache_cpu_percent=c.cache_cpu_percent,
+                    act_gpu_percent=100, act_cpu_percent=0, overlap=c.overlap)
+    t0 = time.perf_counter()
+    model = FlexGenForCausalLM.from_pretrained(w.checkpoint, policy=policy, device=spec.device,
+                                               offload_dir=spec.offload_dir)
+    load_s = time.perf_counter() - t0
+    ids, mask = make_prompts(w, model.config.vocab_size)
+    read0, t1 = disk_read_bytes(), time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=w.gen_len,
+                         min_new_tokens=w.gen_len, do_sample=False)
+    gen_s = time.perf_counter() - t1
+    stats = dict(getattr(model, "last_stats", None) or {})
+    weights_by_home = {h: b for h, b in model.store.bytes_by_home().items()}
+    model.close()
+    return {"load_s": load_s, "generate_s": gen_s, "new_tokens": out[:, w.prompt_len:],
+            "prefill_s": stats.get("prefill_s"), "decode_s": stats.get("decode_s"),
+            "io_wait_s": stats.get("io_wait_s"), "last_stats": stats,
+            "disk_read_bytes": disk_read_bytes() - read0, "placement_bytes": weights_by_home}
+
+
+def _first_token_timer():
+    """A StoppingCriteria that records when generate() produced its first token (after
+    prefill) and never stops generation."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class FirstTokenTimer(StoppingCriteria):
+        first_at: float | None = None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.first_at is None:
+                self.first_at = time.perf_counter()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return FirstTokenTimer()
+
+
+def accelerate_kv_bytes(w: Workload, batch: int, config, itemsize: int) -> int:
+    return (2 * config.num_hidden_layers * config.hidden_size * batch
+            * (w.prompt_len + w.gen_len) * itemsize)
+
+
+def accelerate_max_memory(spec: RunSpec, config, c: AccelerateConfig) -> dict:
+    """max_memory for weights: the budget of the device holding the KV cache minus the
+    cache (plus one layer's worth: the DynamicCache grows by torch.cat) and prefill
+    activations; host RAM also keeps the runtime floor free."""
+    import torch
+    itemsize = getattr(torch, c.dtype).itemsize
+    w = spec.workload
+    kv = accelerate_kv_bytes(w, c.batch_size, config, itemsize) * (1 + 1 / config.num_hidden_layers)
+    ffn = getattr(config, "ffn_dim", None) or getattr(config, "intermediate_size", 4 * config.hidden_size)
+    act = 4 * c.batch_size * w.prompt_len * (3 * config.hidden_size + ffn) * itemsize
+    act += c.batch_size * config.vocab_size * 4 * 2  # last-position logits, fp32 scores
+    floor = int(c.runtime_floor_gib * GiB)
+    if spec.device == "cuda":
+        return {0: max(0, spec.gpu_budget_bytes - kv - act), "cpu": max(0, spec.budget_bytes - floor)}
+    return {"cpu": max(0, spec.budget_bytes - kv - act - floor)}
+
+
+def run_accelerate(spec: RunSpec) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, StoppingCriteriaList
+    c, w = AccelerateConfig(**spec.config), spec.workload
+    hf_config = AutoConfig.from_pretrained(w.checkpoint)
+    max_memory = accelerate_max_memory(spec, hf_config, c)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        w.checkpoint, device_map="auto", max_memory=max_memory, offload_folder=spec.offload_dir,
+        dtype=getattr(torch, c.dtype))
+    load_s = time.perf_counter() - t0
+    ids, mask = make_prompts(w, hf_config.vocab_size)
+    first_device = "cuda:0" if spec.device == "cuda" else "cpu"
+    outputs, prefill_s = [], 0.0
+    read0, t1 = disk_read_bytes(), time.perf_counter()
+    for start in range(0, w.num_prompts, c.batch_size):
+        timer, b0 = _first_token_timer(), time.perf_counter()
+        out = model.generate(input_ids=ids[start:start + c.batch_size].to(first_device),
+                             attention_mask=mask[start:start + c.batch_size].to(first_device),
+                             max_new_tokens=w.gen_len, min_new_tokens=w.gen_len, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([timer]))
+        prefill_s += timer.first_at - b0
+        outputs.append(out[:, w.prompt_len:].cpu())
+    gen_s = time.perf_counter() - t1
+    placement = _placement(model, hf_config)
+    return {"load_s": load_s, "generate_s": gen_s, "new_tokens": torch.cat(outputs),
+            "prefill_s": prefill_s, "decode_s": gen_s - prefill_s, "io_wait_s": None,
+            "disk_read_bytes": disk_read_bytes() - read0, "placement_bytes": placement,
+            "max_memory": {str(k): v for k, v in max_memory.items()}}
+
+
+def _module_bytes(params, hf_config) -> int:
+    """Bytes of parameters at the checkpoint's stored dtype."""
+    import torch
+    stored = getattr(torch, str(getattr(hf_config, "dtype", "float16")).removeprefix("torch."), torch.float16)
+    return sum(p.numel() for p in params) * stored.itemsize
+
+
+def _placement(model, hf_config) -> dict[str, int]:
+    """Stored-dtype bytes per device of the device map (tied weights counted once)."""
+    out, seen = {}, set()
+    for name, dev in (getattr(model, "hf_device_map", None) or {}).items():
+        module = model.get_submodule(name) if name else model
+        params = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        out[str(dev)] = out.get(str(dev), 0) + _module_bytes(params, hf_config)
+    return out
+
+
+def worker_main(spec_json: str, result_path: str) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    raw = json.loads(spec_json)
+    spec = RunSpec(**{**raw, "workload": Workload(**raw["workload"])})
+    Path(spec.offload_dir).mkdir(parents=True, exist_ok=True)
+    if spec.device == "cuda":
+        import torch
+        torch.cuda.reset_peak_memory_stats()
+    result = (run_flexgen if spec.peer == FLEXGEN else run_accelerate)(spec)
+    tokens = result.pop("new_tokens")
+    if tuple(tokens.shape) != (spec.workload.num_prompts, spec.workload.gen_len):
+        raise RuntimeError(f"expected {spec.workload.num_prompts}x{spec.workload.gen_len} new tokens, "
+                           f"got {tuple(tokens.shape)}")
+    result["tokens_sha"] = tokens_digest(tokens)
+    result["new_tokens"] = tokens.tolist()
+    result["maxrss_self_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if spec.device == "cuda":
+        import torch
+        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+# -- parent side ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    results_dir: Path
+    max_run_s: float            # hard cap for any single run
+    timeout_factor: float       # a run may take at most this x the peer's best so far
+    budget_step: float          # escalation factor after an OOM kill
+    max_budget_bytes: int
+
+
+def run_spec(spec: RunSpec, timeout_s: float, settings: Settings, tag: str) -> dict:
+    """One configuration in its own cgroup; returns the row for the report."""
+    tmp = settings.results_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    result_file, log_file = tmp / f"{tag}.json", tmp / f"{tag}.log"
+    result_file.unlink(missing_ok=True)
+    shutil.rmtree(spec.offload_dir, ignore_errors=True)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(spec)),
+            "--result", str(result_file)]
+    logger.info("run %s [%s] budget %s, time limit %.0f s", spec.peer, spec.label(),
+                format_gib(spec.budget_bytes), timeout_s)
+    load_before = os.getloadavg()[0]
+    outcome = run_in_cgroup(argv, spec.budget_bytes, timeout_s, log_file)
+    shutil.rmtree(spec.offload_dir, ignore_errors=True)
+    row = {"peer": spec.peer, "label": spec.label(), "config": spec.config,
+           "budget_bytes": spec.budget_bytes, "returncode": outcome.returncode,
+           "wall_s": outcome.wall_s, "time_limit_s": timeout_s,
+           "peak_rss_bytes": outcome.child_maxrss_bytes, "cgroup_peak_bytes": outcome.cgroup_peak_bytes,
+           "oom_kills": outcome.oom_kills, "log": str(log_file),
+           "loadavg_1m_before_after": [load_before, os.getloadavg()[0]]}
+    if outcome.returncode == 0 and result_file.exists():
+        row.update(json.loads(result_file.read_text()), status="ok")
+        row["tok_s"] = spec.workload.generated_tokens / row["generate_s"]
+    elif outcome.killed_by == "oom":
+        row["status"] = "killed at budget"
+    elif outcome.killed_by == "timeout":
+        row["status"] = "time limit"
+        row["tok_s_upper_bound"] = spec.workload.generated_tokens / timeout_s
+    else:
+        row["status"] = f"failed (exit {outcome.returncode})"
+        row["error_tail"] = _tail(log_file)
+    logger.info("  -> %s%s (wall %.0f s, peak RSS %s, cgroup peak %s)", row["status"],
+                f", {row['tok_s']:.2f} tok/s" if "tok_s" in row else "", outcome.wall_s,
+                format_gib(outcome.child_maxrss_bytes), format_gib(outcome.cgroup_peak_bytes))
+    if row["status"].startswith("failed"):
+        logger.warning("  log tail:\n%s", row["error_tail"])
+    return row
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_with_escalation(spec: RunSpec, timeout_s: float, settings: Settings, tag: str) -> list[dict]:
+    """Run at the budget; after an OOM kill, re-run at budget x step ... until it survives."""
+    rows = [run_spec(spec, timeout_s, settings, tag)]
+    budget = spec.budget_bytes
+    while rows[-1]["status"] == "killed at budget":
+        budget = int(budget * settings.budget_step)
+        if budget > settings.max_budget_bytes:
+            logger.info("  not escalating past %s", format_gib(settings.max_budget_bytes))
+            break
+        escalated = replace(spec, budget_bytes=budget)
+        row = run_spec(escalated, timeout_s, settings, f"{tag}_b{budget // 2**20}M")
+        row["escalated_from_bytes"] = spec.budget_bytes
+        rows.append(row)
+    return rows
+
+
+def time_limit(rows: list[dict], peer: str, settings: Settings) -> float:
+    done = [r["wall_s"] for r in rows if r["peer"] == peer and r["status"] == "ok"]
+    return min([settings.max_run_s] + [settings.timeout_factor * t for t in done])
+
+
+def flexgen_configs(w: Workload, overlap: bool, device: str) -> list[FlexGenConfig]:
+    """A small policy search. CPU: one block of every prompt in one or four micro-batches,
+    all weights on disk or 10% resident. GPU (FlexGen's OPT-30B policy shape): 20% of the
+    weights on the GPU, the rest and the KV cache in host RAM."""
+    n = w.num_prompts
+    quarter = max(1, n // 4)
+    if device == "cuda":
+        gpu = dict(w_gpu_percent=20, w_cpu_percent=80, cache_gpu_percent=0, cache_cpu_percent=100)
+        return [FlexGenConfig(quarter, n // quarter, overlap=overlap, **gpu),
+                FlexGenConfig(n // 2, 2, overlap=overlap, **gpu)]
+    return [FlexGenConfig(n, 1, overlap=overlap),
+            FlexGenConfig(quarter, n // quarter, overlap=overlap),
+            FlexGenConfig(n, 1, w_cpu_percent=10, overlap=overlap)]
+
+
+def accelerate_configs(w: Workload, dtypes: list[str], floor_gib: float) -> list[AccelerateConfig]:
+    """Batch sizes from the number of prompts down through powers of 4, largest first."""
+    sizes, b = {w.num_prompts}, 1
+    while b < w.num_prompts:
+        sizes.add(b)
+        b *= 4
+    return [AccelerateConfig(s, d, floor_gib) for d in dtypes for s in sorted(sizes, reverse=True)]
+
+
+def run_accelerate_search(configs, w, budget, settings, rows, device, gpu_budget) -> None:
+    """Largest batch first; once a batch size hits the time limit, smaller ones (which read
+    the offloaded weights more often) are listed as not run."""
+    stopped: dict[str, int] = {}
+    for i, c in enumerate(configs):
+        if c.dtype in stopped:
+            rows.append({"peer": ACCELERATE, "label": c.label(), "config": asdict(c),
+                         "budget_bytes": budget, "status": f"not run (batch {stopped[c.dtype]} "
+                         "already hit the time limit; a smaller batch re-reads the offloaded "
+                         "weights more often)"})
+            continue
+        spec = RunSpec(ACCELERATE, asdict(c), w, budget, device=device, gpu_budget_bytes=gpu_budget)
+        new = run_with_escalation(spec, time_limit(rows, ACCELERATE, settings), settings, f"acc{i}")
+        rows.extend(new)
+        if any(r["status"] == "time limit" for r in new):
+            stopped[c.dtype] = c.batch_size
+
+
+def annotate(rows: list[dict], roof_fn) -> dict | None:
+    """Adds ratio vs the best Accelerate run at the base budget and the roofline fraction."""
+    base = min(r["budget_bytes"] for r in rows)
+    acc = [r for r in rows if r["peer"] == ACCELERATE and r["status"] == "ok" and r["budget_bytes"] == base]
+    best_acc = max(acc, key=lambda r: r["tok_s"]) if acc else None
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        roof = roof_fn(r["budget_bytes"])
+        r["roofline_tok_s"] = roof.roofline_tok_s
+        r["roofline_fraction"] = r["tok_s"] / roof.roofline_tok_s
+        if best_acc:
+            r["vs_best_accelerate"] = r["tok_s"] / best_acc["tok_s"]
+        if best_acc and r["peer"] == FLEXGEN:
+            r["tokens_match_best_accelerate"] = _agreement(r["new_tokens"], best_acc["new_tokens"])
+    return best_acc
+
+
+def _agreement(a: list, b: list) -> float:
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return sum(x == y for x, y in pairs) / max(1, len(pairs))
+
+
+# -- report ------------------------------------------------------------------------------------
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| peer | configuration | budget | status | tok/s | vs best Acc | load s | gen s | "
+            "prefill s | decode s | I/O wait s | disk read GB | peak RSS | cgroup peak | % roofline |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ok = r.get("status") == "ok"
+        status = r["status"]
+        if r.get("escalated_from_bytes"):
+            status += f" (re-run after kill at {format_gib(r['escalated_from_bytes'])})"
+        tok = _fmt(r.get("tok_s"), ".2f") if ok else (
+            f"< {r['tok_s_upper_bound']:.2f}" if "tok_s_upper_bound" in r else "-")
+        lines.append("| " + " | ".join([
+            r["peer"], r["label"], format_gib(r["budget_bytes"]), status, tok,
+            _fmt(r.get("vs_best_accelerate"), ".2f") + ("x" if r.get("vs_best_accelerate") else ""),
+            _fmt(r.get("load_s"), ".0f"), _fmt(r.get("generate_s"), ".1f"),
+            _fmt(r.get("prefill_s"), ".1f"), _fmt(r.get("decode_s"), ".1f"),
+            _fmt(r.get("io_wait_s"), ".1f"),
+            _fmt(r.get("disk_read_bytes") / 1e9 if r.get("disk_read_bytes") is not None else None, ".1f"),
+            format_gib(r["peak_rss_bytes"]) if "peak_rss_bytes" in r else "-",
+            format_gib(r["cgroup_peak_bytes"]) if "cgroup_peak_bytes" in r else "-",
+            _fmt(100 * r["roofline_fraction"] if "roofline_fraction" in r else None, ".0f"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+# -- scenarios -------------------------------------------------------------------------------------
+SCENARIOS = {
+    "cpu": dict(model="opt-1.3b", budget="4GiB", gpu_budget=None, prompt_len=32, gen_len=16,
+                num_prompts=32, dtypes="float32,float16"),
+    "gpu": dict(model="opt-30b", budget="200GiB", gpu_budget="16GiB", prompt_len=512, gen_len=32,
+                num_prompts=64, dtypes="float16"),
+}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="cpu")
+    parser.add_argument("--model", help="a make_checkpoint.py shape (scenario default)")
+    parser.add_argument("--checkpoint-root", default="/tmp/ckpt")
+    parser.add_argument("--budget", help="host RAM budget, e.g. 2GiB (cgroup limit)")
+    parser.add_argument("--gpu-budget", help="GPU memory budget (scenario gpu)")
+    parser.add_argument("--prompt-len", type=int)
+    parser.add_argument("--gen-len", type=int)
+    parser.add_argument("--num-prompts", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerate-dtypes", help="comma-separated; default float32 on CPU "
+                        "(half-precision matmuls are measured and skipped when hopeless)")
+    parser.add_argument("--accelerate-floor-gib", type=float, default=1.0,
+                        help="budget Accelerate keeps free of weights for the runtime")
+    parser.add_argument("--no-overlap", action="store_true", help="hf_flexgen policies with overlap=False")
+    parser.add_argument("--only", choices=[FLEXGEN, ACCELERATE], help="run one peer only")
+    parser.add_argument("--max-run-s", type=float, default=900)
+    parser.add_argument("--timeout-factor", type=float, default=2.0)
+    parser.add_argument("--budget-step", type=float, default=1.5)
+    parser.add_argument("--max-budget-factor", type=float, default=4.0)
+    parser.add_argument("--out", default="benchmarks/results/vs_accelerate_cpu.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for key, value in SCENARIOS[args.scenario].items():
+        attr = key if key != "dtypes" else "accelerate_dtypes"
+        if getattr(args, attr, None) is None:
+            setattr(args, attr, value)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, args.result)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    device = "cuda" if args.scenario == "gpu" else "cpu"
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            logger.error("scenario gpu needs a CUDA device (torch.cuda.is_available() is False)")
+            return 2
+    if not cgroup_available():
+        logger.error("needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
+        return 2
+    from make_checkpoint import make_checkpoint
+    from roofline import ModelShape, Workload as RoofWorkload, measure_hardware, roofline
+
+    checkpoint = make_checkpoint(args.model, Path(args.checkpoint_root) / args.model)
+    w = Workload(args.model, str(checkpoint), args.prompt_len, args.gen_len, args.num_prompts, args.seed)
+    budget = parse_bytes(args.budget)
+    gpu_budget = parse_bytes(args.gpu_budget) if args.gpu_budget else None
+    out = Path(args.out)
+    settings = Settings(out.parent, args.max_run_s, args.timeout_factor, args.budget_step,
+                        int(budget * args.max_budget_factor))
+    hw = measure_hardware(max(Path(checkpoint).glob("*.safetensors"), key=lambda p: p.stat().st_size))
+    shape = ModelShape.from_checkpoint(Path(checkpoint))
+    roof_w = RoofWorkload(w.num_prompts, w.prompt_len, w.gen_len)
+    roof_fn = lambda b: roofline(shape, roof_w, hw, b)  # noqa: E731
+    dtypes = _usable_dtypes(args.accelerate_dtypes.split(","), hw, device)
+
+    rows: list[dict] = []
+    if args.only != ACCELERATE:
+        for i, c in enumerate(flexgen_configs(w, not args.no_overlap, device)):
+            spec = RunSpec(FLEXGEN, asdict(c), w, budget, device=device, gpu_budget_bytes=gpu_budget)
+            rows.extend(run_with_escalation(spec, time_limit(rows, FLEXGEN, settings), settings, f"flex{i}"))
+    if args.only != FLEXGEN:
+        run_accelerate_search(accelerate_configs(w, dtypes["run"], args.accelerate_floor_gib),
+                              w, budget, settings, rows, device, gpu_budget)
+    best_acc = annotate(rows, roof_fn)
+    report = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "scenario": args.scenario,
+              "workload": asdict(w), "budget_bytes": budget, "gpu_budget_bytes": gpu_budget,
+              "hardware": asdict(hw), "roofline": asdict(roof_fn(budget)),
+              "accelerate_dtypes_skipped": dtypes["skipped"],
+              "best": {p: _best(rows, p) for p in (FLEXGEN, ACCELERATE)},
+              "best_accelerate_tok_s": best_acc["tok_s"] if best_acc else None,
+              "load_avg_end": os.getloadavg(), "runs": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    logger.info("wrote %s", out)
+    print(table(rows))
+    for peer in (FLEXGEN, ACCELERATE):
+        best = report["best"][peer]
+        print(f"best {peer}: " + (f"{best['label']} at {format_gib(best['budget_bytes'])}: "
+                                  f"{best['tok_s']:.2f} tok/s" if best else "none finished"))
+    print(f"roofline at {format_gib(budget)}: {report['roofline']['roofline_tok_s']:.2f} tok/s "
+          f"({report['roofline']['bound']}-bound)")
+    return 0
+
+
+def _best(rows: list[dict], peer: str) -> dict | None:
+    ok = [r for r in rows if r["peer"] == peer and r.get("status") == "ok"]
+    if not ok:
+        return None
+    base = min(r["budget_bytes"] for r in ok)
+    best = max((r for r in ok if r["budget_bytes"] == base), key=lambda r: r["tok_s"])
+    return {k: best[k] for k in ("label", "config", "budget_bytes", "tok_s")}
+
+
+def _usable_dtypes(requested: list[str], hw, device: str) -> dict:
+    """On CPU, a half dtype whose measured matmul rate is < 1/20 of fp32 is skipped."""
+    run, skipped = [], {}
+    for d in requested:
+        rate = hw.extra.get(f"matmul_flops_{d}")
+        if device == "cpu" and rate is not None and rate < hw.matmul_flops / 20:
+            skipped[d] = (f"{rate / 1e9:.1f} GFLOP/s matmul vs {hw.matmul_flops / 1e9:.0f} for float32: "
+                          "the workload would take hours")
+            continue
+        run.append(d)
+    return {"run": run, "skipped": skipped}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
