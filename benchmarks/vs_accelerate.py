@@ -29,13 +29,12 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
