@@ -57,7 +57,8 @@ def run(model, tokenizer, encoded, sort: bool, new_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-prompts", type=int, default=40)
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=8)
@@ -78,7 +79,8 @@ def main() -> None:
         model.close()
 
     lengths = sorted(len(e) for e in encoded)
-    print(f"{len(encoded)} prompts, {lengths[0]}..{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), "
+    median = lengths[len(lengths) // 2]
+    print(f"{len(encoded)} prompts, {lengths[0]}..{lengths[-1]} tokens (median {median}), "
           f"{args.new_tokens} new tokens each, blocks of {args.gpu_batch_size}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'packing':<12}{'padding':>9}{'slots':>8}{'prefill s':>11}{'decode s':>10}{'wall s':>8}"

@@ -46,7 +46,8 @@ def read_jobs(path: Path) -> list[Job]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise CliError(f"cannot read the input file {path}: {getattr(err, 'strerror', None) or err}")
+        reason = getattr(err, "strerror", None) or err
+        raise CliError(f"cannot read the input file {path}: {reason}") from err
     jobs, first_line = [], {}
     for number, line in enumerate(lines, start=1):
         if line.strip():
@@ -64,7 +65,7 @@ def parse_job(line: str, where: str) -> Job:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise CliError(f"{where}: not valid JSON ({err.msg})")
+        raise CliError(f"{where}: not valid JSON ({err.msg})") from err
     if not isinstance(record, dict):
         raise CliError(f'{where}: expected a JSON object with "id" and "prompt" or "messages"')
     if "id" not in record or record["id"] is None:
@@ -99,7 +100,7 @@ class ResultsFile:
         try:
             self._file = open(path, "a", encoding="utf-8")
         except OSError as err:
-            raise CliError(f"cannot write the output file {path}: {err.strerror or err}")
+            raise CliError(f"cannot write the output file {path}: {err.strerror or err}") from err
         try:
             self._lock()
             self.done = self._load()
@@ -116,7 +117,7 @@ class ResultsFile:
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise CliError(f"another run is writing {self.path}; wait for it or stop it first")
+            raise CliError(f"another run is writing {self.path}; wait for it or stop it first") from None
 
     def _load(self) -> set:
         """Ids already written. A last line cut short by a crash (no newline after it, or not
@@ -126,7 +127,7 @@ class ResultsFile:
         except FileNotFoundError:
             return set()
         except OSError as err:
-            raise CliError(f"cannot read the output file {self.path}: {err.strerror or err}")
+            raise CliError(f"cannot read the output file {self.path}: {err.strerror or err}") from err
         lines = data.split(b"\n")  # the last item is what follows the final newline
         done, good_end = set(), 0
         for number, raw in enumerate(lines, start=1):
@@ -192,7 +193,7 @@ def build_policy(args):
         return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
                                    num_gpu_batches=args.num_gpu_batches)
     except (ValueError, NotImplementedError) as err:
-        raise CliError(f"bad policy: {err}")
+        raise CliError(f"bad policy: {err}") from err
 
 
 def check_model(name):
@@ -204,11 +205,11 @@ def check_model(name):
         try:
             name = default_model_dir()
         except RuntimeError as err:
-            raise CliError(f"could not prepare the built-in model: {one_line(err)}")
+            raise CliError(f"could not prepare the built-in model: {one_line(err)}") from err
     try:
         return load_checkpoint_config(name)
     except (FileNotFoundError, ValueError) as err:
-        raise CliError(f"--model {name}: {one_line(err)}")
+        raise CliError(f"--model {name}: {one_line(err)}") from err
 
 
 def load_model(directory, policy, args):
@@ -218,8 +219,8 @@ def load_model(directory, policy, args):
         try:
             return FlexGenForCausalLM.from_pretrained(directory, policy=policy, device=args.device,
                                                       offload_dir=args.offload_dir)
-        except (FileNotFoundError, ValueError, NotImplementedError) as err:
-            raise CliError(f"--model {directory}: {one_line(err)}")
+        except (FileNotFoundError, ValueError, KeyError, NotImplementedError) as err:
+            raise CliError(f"--model {directory}: {one_line(err)}") from err
 
 
 @contextmanager
@@ -250,10 +251,6 @@ def one_line(err: BaseException) -> str:
 
 # -- the command --------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from transformers import AutoTokenizer
-
-    from .pipeline import check_prompt_lengths, encode_prompts, plan_blocks, run_blocks
-
     policy = build_policy(args)
     jobs = (read_jobs(Path(args.input)) if args.input else
             [Job(i, p, f"example {i}") for i, p in enumerate(EXAMPLE_PROMPTS)])
@@ -263,37 +260,46 @@ def cmd_generate(args) -> int:
         if len(skip) == len(jobs):
             logging.info("all %d ids are already in %s: nothing to do", len(jobs), args.output)
             return 0
-        directory, config = check_model(args.model)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        encoded = encode_jobs(tokenizer, jobs, not args.no_chat_template, encode_prompts)
-        lengths = [len(e) for e in encoded]
-        try:
-            check_prompt_lengths(lengths, config, args.max_new_tokens,
-                                 [f"{j.where} (id {j.id!r})" for j in jobs])
-        except ValueError as err:
-            raise CliError(str(err))
+        directory, tokenizer, encoded = prepare_prompts(args, jobs)
         if skip:
             logging.info("resuming: %d of %d ids already in %s", len(skip), len(jobs), args.output)
-        model = load_model(directory, policy, args)
-        try:
-            blocks = plan_blocks(lengths, policy.block_size)  # over all jobs: resumes rebuild them
-            completions = run_blocks(model, tokenizer, encoded, blocks, stop=args.stop, skip=skip,
-                                     **sampling_kwargs(args))
-            with memory_errors(policy):
-                write_results(completions, jobs, results, len(jobs) - len(skip), args.quiet)
-        finally:
-            model.close()
+        run_job(args, policy, directory, tokenizer, encoded, jobs, skip, results)
     finally:
         results.close()
     return 0
 
 
-def encode_jobs(tokenizer, jobs: list[Job], chat_template: bool, encode_prompts) -> list[list[int]]:
+def prepare_prompts(args, jobs: list[Job]):
+    """Check the model (config only), tokenize every prompt, check it fits the context."""
+    from transformers import AutoTokenizer
+
+    from .pipeline import check_prompt_lengths, encode_prompts
+
+    directory, config = check_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
     try:
-        return encode_prompts(tokenizer, [j.prompt for j in jobs], None if chat_template else False,
-                              names=[j.where for j in jobs])
+        encoded = encode_prompts(tokenizer, [j.prompt for j in jobs],
+                                 False if args.no_chat_template else None, names=[j.where for j in jobs])
+        check_prompt_lengths([len(e) for e in encoded], config, args.max_new_tokens,
+                             [f"{j.where} (id {j.id!r})" for j in jobs])
     except (ValueError, TypeError) as err:
-        raise CliError(one_line(err))
+        raise CliError(one_line(err)) from err
+    return directory, tokenizer, encoded
+
+
+def run_job(args, policy, directory, tokenizer, encoded, jobs: list[Job], skip: set, results) -> None:
+    from .pipeline import plan_blocks, run_blocks
+
+    model = load_model(directory, policy, args)
+    try:
+        # planned over all jobs, done or not: a resumed run rebuilds the same blocks
+        blocks = plan_blocks([len(e) for e in encoded], policy.block_size)
+        completions = run_blocks(model, tokenizer, encoded, blocks, stop=args.stop, skip=skip,
+                                 **sampling_kwargs(args))
+        with memory_errors(policy):
+            write_results(completions, jobs, results, len(jobs) - len(skip), args.quiet)
+    finally:
+        model.close()
 
 
 def sampling_kwargs(args) -> dict:

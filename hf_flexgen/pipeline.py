@@ -270,11 +270,16 @@ class TextGenerationPipeline:
     def __call__(self, text_inputs, *, return_full_text: bool = True, stop=None, stop_strings=None,
                  chat_template: bool | None = None, continue_final_message: bool | None = None,
                  num_return_sequences: int = 1, sort: bool = True, skip_special_tokens: bool = True,
-                 clean_up_tokenization_spaces: bool | None = None, **generate_kwargs):
+                 clean_up_tokenization_spaces: bool | None = None, batch_size: int | None = None,
+                 **generate_kwargs):
         """One prompt (a string or a chat) -> ``[{"generated_text": ...}]``; a list of prompts
         -> a list of those, in input order. ``stop`` / ``stop_strings``: completions end before
         the first stop string (excluded, unlike HF, which keeps it). ``return_full_text``:
-        prompt + completion (a chat gets the assistant message appended), as HF does."""
+        prompt + completion (a chat gets the assistant message appended), as HF does.
+        ``batch_size`` is ignored: blocks hold ``policy.block_size`` prompts."""
+        if batch_size is not None:
+            logger.info("batch_size=%s ignored: blocks hold policy.block_size=%d prompts",
+                        batch_size, self.model.policy.block_size)
         items, single = self._inputs(text_inputs)
         kwargs = self._generation_kwargs(generate_kwargs)
         template = self.chat_template if chat_template is None else chat_template
@@ -351,8 +356,9 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None, policy=N
     or a loaded ``FlexGenForCausalLM``. ``tokenizer``: a tokenizer or its path (default: the
     checkpoint's). ``policy``: a ``Policy``. ``kwargs``: ``from_pretrained`` arguments
     (``device``, ``dtype``, ``offload_dir``, ``revision``, ``token``) and default generation
-    arguments for every call (``max_new_tokens``, ``do_sample``, ...). ``chat_template``: see
-    ``render_prompt``."""
+    arguments for every call (``max_new_tokens``, ``do_sample``, ...); unset, HF's pipeline
+    defaults apply (``max_new_tokens=256, do_sample=True, temperature=0.7``) unless the model's
+    generation config sets them. ``chat_template``: see ``render_prompt``."""
     from transformers import AutoTokenizer
 
     from .modeling import FlexGenForCausalLM

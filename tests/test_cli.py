@@ -127,10 +127,23 @@ def test_default_run_and_rerun(smollm2_dir, tmp_path, capsys):
     assert out.read_text() == first
 
 
+def test_messages_and_stop_strings(smollm2_dir, tmp_path, capsys):
+    chat = [{"role": "user", "content": "Write a list of three fruits, one per line."}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "list", "messages": chat}])
+    plain, stopped = tmp_path / "plain.jsonl", tmp_path / "stopped.jsonl"
+    common = ["--model", smollm2_dir, "--input", prompts, "--max-new-tokens", 8, "--quiet"]
+    assert run_main(capsys, *common, "--output", plain)[0] == 0
+    assert run_main(capsys, *common, "--output", stopped, "--stop", "\n", "--stop", "never")[0] == 0
+    [full], [cut] = read_results(plain), read_results(stopped)
+    assert "\n" in full["completion"] and cut["completion"] == full["completion"].split("\n")[0]
+    assert cut["new_tokens"] < full["new_tokens"]
+
+
 # -- results file ---------------------------------------------------------------------------
 def test_results_file_drops_a_cut_last_line(tmp_path):
     path = tmp_path / "out.jsonl"
-    good = '{"id": 1, "completion": "a", "new_tokens": 1}\n{"id": "b", "completion": "b", "new_tokens": 1}\n'
+    good = ('{"id": 1, "completion": "a", "new_tokens": 1}\n'
+            '{"id": "b", "completion": "b", "new_tokens": 1}\n')
     for tail in ('{"id": 3, "compl', '\x00\x00\x00\n', '{"id": 3}'):
         path.write_text(good + tail)
         results = ResultsFile(path)

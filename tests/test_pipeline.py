@@ -12,9 +12,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import hf_flexgen
 from hf_flexgen import Policy
-from hf_flexgen.pipeline import (TextGenerationPipeline, as_transformers_model, finish,
-                                 generate_all, generate_blocks, padding_fraction, plan_blocks,
-                                 run_blocks, stop_cut)
+from hf_flexgen.pipeline import (
+    TextGenerationPipeline,
+    as_transformers_model,
+    finish,
+    generate_all,
+    generate_blocks,
+    padding_fraction,
+    plan_blocks,
+    run_blocks,
+    stop_cut,
+)
 
 RAW_PROMPTS = [  # deliberately not in length order
     "The capital of France is",
@@ -81,7 +89,8 @@ def test_stop_cut_and_finish_trim_at_eos_and_stop(tokenizer):
     cut = stop_cut(tokenizer, tokens, ["\n"])
     assert "\n" in tokenizer.decode(tokens[:cut]) and "\n" not in tokenizer.decode(tokens[:cut - 1])
     assert finish(tokenizer, tokens, {eos}, ["\n"]) == ("Apples", cut)
-    assert finish(tokenizer, tokens, {eos}, ["Pl", "Pe"]) == ("Apples\n", stop_cut(tokenizer, tokens, ["Pe"]))
+    pears = stop_cut(tokenizer, tokens, ["Pe"])
+    assert finish(tokenizer, tokens, {eos}, ["Pl", "Pe"]) == ("Apples\n", pears)
     assert finish(tokenizer, tokens + [eos, 5, 6], {eos}, []) == ("Apples\nPears\nPlums", len(tokens) + 1)
     assert finish(tokenizer, tokens, {eos}, ["absent"]) == ("Apples\nPears\nPlums", len(tokens))
 
@@ -144,7 +153,8 @@ def test_pipeline_refuses_prompt_longer_than_context(tokenizer):
     model = EchoModel(tokenizer, 4)
     model.config.max_position_embeddings = 40
     pipe = TextGenerationPipeline(model, tokenizer, chat_template=False)
-    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens, more than the 30 .*max_position_embeddings"):
+    too_long = r"prompt 1 has \d+ tokens, more than the 30 .*max_position_embeddings"
+    with pytest.raises(ValueError, match=too_long):
         pipe(["short", "word " * 35], max_new_tokens=10)
     assert model.calls == []
 
