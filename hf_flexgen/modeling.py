@@ -5,6 +5,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,10 @@ from .memory.compressed import CompressedWeights
 from .memory.resolve import cache_root, resolve_checkpoint_dir, safetensors_files
 from .memory.weights import WeightStore
 from .ops.attention import register_attention
+from .placement import ModelLayout, Plan, Workload, load_or_measure, parse_max_memory, plan
+from .calibration import layer_costs
+from .placement.limits import process_rss
+from .placement.solver import check_minimum
 from .policy import Policy
 
 logger = logging.getLogger(__name__)
@@ -62,6 +67,64 @@ def checkpoint_key(name: str, index: CheckpointIndex, tied: dict[str, str], pref
     raise KeyError(f"checkpoint has no tensor for parameter {name!r} (tried {candidates})")
 
 
+def stage_checkpoint_keys(model, adapter, index: CheckpointIndex) -> list[dict[str, str]]:
+    """Per stage (embedding, layers, head): HF parameter name -> checkpoint tensor name."""
+    tied, prefix = adapter.tied_parameters(), model.base_model_prefix
+    return [{n: checkpoint_key(n, index, tied, prefix) for n in names}
+            for names in adapter.stage_parameters()]
+
+
+def default_workload(config) -> Workload:
+    """FlexGen's benchmark setting (prompt 512, 32 new tokens), within the context."""
+    context = getattr(config, "max_position_embeddings", None) or 2048
+    gen = min(32, context // 4)
+    return Workload(prompt_len=min(512, context - gen), gen_len=gen, num_prompts=1024)
+
+
+def model_layout(config, index: CheckpointIndex, device: torch.device) -> ModelLayout:
+    """The stage tensors and attention shape the cost model needs (no weight is read)."""
+    model = build_skeleton(config, device)
+    keys = stage_checkpoint_keys(model, adapter_for(model), index)
+    return ModelLayout.from_checkpoint(config, keys, index.locations)
+
+
+def config_layout(config, storage_dtype: torch.dtype = torch.float16) -> ModelLayout:
+    """The layout from a config alone (HF parameter names as keys, ``storage_dtype`` on
+    disk): to plan for a model whose weights are not downloaded yet."""
+    model = build_skeleton(config, torch.device("cpu"))
+    adapter = adapter_for(model)
+    tied = adapter.tied_parameters()
+    stages = [{n: tied.get(n, n) for n in names} for names in adapter.stage_parameters()]
+    shapes = {key: _Shape(tuple(model.get_parameter(key).shape), storage_dtype)
+              for stage in stages for key in stage.values()}
+    return ModelLayout.from_checkpoint(config, stages, shapes)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def plan_policy(config, index: CheckpointIndex, device: torch.device, dtype: torch.dtype,
+                workload: Workload, max_memory: dict | None = None,
+                base: Policy | None = None, disk_dir: Path | None = None,
+                refresh_profile: bool = False) -> Plan:
+    """policy="auto": measure (once) this machine, then solve for the fastest policy that
+    fits ``max_memory`` (HF's convention; default: what is free, with a margin)."""
+    disk_dir = Path(disk_dir) if disk_dir else Path(tempfile.gettempdir())
+    limits = parse_max_memory(max_memory, device, disk_dir)
+    hardware = load_or_measure(device, dtype, disk_dir, refresh=refresh_profile)
+    skeleton = build_skeleton(config, device)
+    keys = stage_checkpoint_keys(skeleton, adapter_for(skeleton), index)
+    layout = ModelLayout.from_checkpoint(config, keys, index.locations)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    baseline = process_rss()
+    check_minimum(base or Policy(overlap=True), limits, layout, workload, hardware, itemsize, baseline)
+    measured = layer_costs(config, skeleton, device, dtype, refresh=refresh_profile)
+    return plan(layout, workload, hardware, limits, itemsize, baseline, base=base, measured=measured)
+
+
 class FlexGenForCausalLM:
     """Drop-in for ``AutoModelForCausalLM`` + ``generate()`` on models larger than memory."""
 
@@ -76,10 +139,7 @@ class FlexGenForCausalLM:
         self.offload_dir = Path(offload_dir) if offload_dir else Path(tempfile.mkdtemp(prefix="hf_flexgen_"))
         self.model = build_skeleton(config, device)
         self.adapter = adapter_for(self.model)
-        tied = self.adapter.tied_parameters()
-        prefix = self.model.base_model_prefix
-        stage_keys = [{n: checkpoint_key(n, index, tied, prefix) for n in names}
-                      for names in self.adapter.stage_parameters()]
+        stage_keys = stage_checkpoint_keys(self.model, self.adapter, index)
         compressed = None
         if policy.compress_weight:
             keys = [k for stage in stage_keys for k in stage.values()]
@@ -89,25 +149,34 @@ class FlexGenForCausalLM:
                                  pin_memory=policy.pin_weight, compressed=compressed)
         self.engine = BlockEngine(self.adapter, self.store, policy, device, self.offload_dir)
         self.last_stats: dict = {}
+        self.plan: Plan | None = None  # set by policy="auto": the prediction and runners-up
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, policy: Policy | str | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         offload_dir: str | os.PathLike | None = None, revision: str | None = None,
-                        token: str | None = None) -> "FlexGenForCausalLM":
+                        token: str | None = None, max_memory: dict | None = None,
+                        workload: Workload | None = None,
+                        auto_base: Policy | None = None) -> "FlexGenForCausalLM":
         """Load a local checkpoint directory or a hub model id.
 
         ``policy``: a :class:`Policy` (default: everything on the compute device, micro-batch
-        of 8). ``device``: the compute device (default: ``cuda`` when present, else ``cpu``).
+        of 8), or ``"auto"``: the fastest placement and block shape that fit ``max_memory``
+        (HF's convention, e.g. ``{"cuda:0": "16GiB", "cpu": "64GiB", "disk": "500GiB"}``;
+        default: what is free now, with a margin) for ``workload`` (prompt length, new tokens,
+        number of prompts; default 512 / 32 / 1024), keeping ``auto_base``'s overlap,
+        compression, delegation and sparsity settings (default: overlap on, no compression).
+        ``device``: the compute device (default: ``cuda`` when present, else ``cpu``).
         ``dtype``: compute dtype (default fp32 on CPU, the checkpoint's half type on GPU).
         ``offload_dir``: where disk-homed KV cache goes (default: a temporary directory).
         """
-        if isinstance(policy, str):
-            raise NotImplementedError(
-                f"policy={policy!r} is not supported yet; pass a hf_flexgen.Policy")
+        if isinstance(policy, str) and policy != "auto":
+            raise ValueError(f"policy must be a hf_flexgen.Policy or 'auto', got {policy!r}")
         policy = policy if policy is not None else Policy()
-        if not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a hf_flexgen.Policy, got {type(policy).__name__}")
+        if not isinstance(policy, (Policy, str)):
+            raise TypeError(f"policy must be a hf_flexgen.Policy or 'auto', got {type(policy).__name__}")
+        if policy != "auto" and (max_memory is not None or workload is not None or auto_base is not None):
+            raise ValueError("max_memory, workload and auto_base only apply to policy='auto'")
         directory = resolve_checkpoint_dir(name_or_path, revision=revision, token=token)
         if not (directory / "config.json").exists():
             raise FileNotFoundError(f"{directory} has no config.json: not a transformers checkpoint")
@@ -122,8 +191,16 @@ class FlexGenForCausalLM:
         except OSError:
             generation_config = None
         index = CheckpointIndex(safetensors_files(directory))
-        return cls(config, index, policy, device, dtype, offload_dir, generation_config,
-                   name_or_path=str(name_or_path), checkpoint_dir=directory)
+        chosen = None
+        if policy == "auto":
+            workload = workload or default_workload(config)
+            chosen = plan_policy(config, index, device, dtype, workload, max_memory, auto_base,
+                                 disk_dir=offload_dir)
+            policy = chosen.policy
+        model = cls(config, index, policy, device, dtype, offload_dir, generation_config,
+                    name_or_path=str(name_or_path), checkpoint_dir=directory)
+        model.plan = chosen
+        return model
 
     # -- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -148,6 +225,7 @@ class FlexGenForCausalLM:
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         prompt_len = input_ids.shape[1]
         new_tokens = max_new_tokens(config, prompt_len)
+        self._check_planned(prompt_len, new_tokens)
         recorder = _ScoreRecorder(config, input_ids.shape[0])
         chooser = TokenChooser(config, prompt_len, self.device)
         outputs, block = [], self.policy.block_size
@@ -191,6 +269,18 @@ class FlexGenForCausalLM:
             self.engine.run_block(mbs, steps, chooser, record)
         self.last_stats = self.engine.stats.as_dict()
         return out
+
+    def _check_planned(self, prompt_len: int, new_tokens: int) -> None:
+        """An auto policy fits the memory for the planned sequence length, not longer ones."""
+        if self.plan is None:
+            return
+        w = self.plan.workload
+        if prompt_len + new_tokens > w.prompt_len + w.gen_len:
+            raise ValueError(
+                f"this model's policy='auto' was planned for {w.prompt_len} prompt + {w.gen_len} "
+                f"new tokens, but this call needs {prompt_len} + {new_tokens}: its KV cache "
+                "might not fit. Load it with workload=Workload(prompt_len=..., gen_len=..., "
+                "num_prompts=...) covering your longest prompt.")
 
     def close(self) -> None:
         self.engine.close()

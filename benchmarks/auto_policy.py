@@ -1,0 +1,215 @@
+"""policy="auto" against reality: for each scenario (model x memory cap x workload) run the
+auto policy under a cgroup capped at the same ``max_memory``, then a brute-force grid of
+hand-set policies under the same cap; report predicted vs measured throughput and peak
+memory, and the auto policy's throughput as a fraction of the grid's best.
+
+    python benchmarks/auto_policy.py --out benchmarks/results/auto_policy.json
+
+Needs root and the cgroup v1 memory controller (see cgroup.py). Random-weight OPT
+checkpoints are made with make_checkpoint.py in --ckpt-root; SmolLM2 is the built-in model.
+Every run is a fresh process: measured peak = the child's ru_maxrss (RSS); the cgroup peak,
+which also counts reclaimable page cache, is reported beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cgroup import cgroup_available, format_gib, parse_bytes, run_in_cgroup  # noqa: E402
+
+logger = logging.getLogger("auto_policy")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    model: str          # "smollm2" or a make_checkpoint.py shape name
+    cap: str            # max_memory["cpu"] and the cgroup limit
+    prompt_len: int
+    gen_len: int
+    num_prompts: int
+    grid_batches: tuple[int, ...]   # gpu_batch_size values of the brute-force grid
+
+
+SCENARIOS = (
+    Scenario("smollm2-1.0G", "smollm2", "1.0GiB", 64, 16, 128, (8, 32, 128)),
+    Scenario("smollm2-2.0G", "smollm2", "2.0GiB", 64, 16, 128, (8, 32, 128)),
+    Scenario("smollm2-long-1.2G", "smollm2", "1.2GiB", 384, 16, 64, (4, 16, 64)),
+    Scenario("opt-125m-1.0G", "opt-125m", "1.0GiB", 128, 16, 128, (8, 32, 128)),
+    Scenario("opt-350m-1.0G", "opt-350m", "1.0GiB", 64, 8, 64, (8, 64)),
+    Scenario("opt-1.3b-3.0G", "opt-1.3b", "3.0GiB", 32, 8, 64, (16, 64)),
+)
+# hand-set placements of the grid: weights % in RAM, KV cache % in RAM (the rest on disk)
+GRID_WEIGHTS, GRID_CACHE, GRID_MICRO_BATCHES = (100, 50, 0), (100, 0), (1, 2)
+
+
+# -- child: one run in the cgroup --------------------------------------------------------
+def child(spec: dict, result_path: str) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch
+
+    from hf_flexgen import FlexGenForCausalLM, Policy
+    from hf_flexgen.memory.checkpoint import CheckpointIndex
+    from hf_flexgen.memory.resolve import safetensors_files
+    from hf_flexgen.modeling import model_layout
+    from hf_flexgen.placement import Workload, estimate, load_or_measure
+    from hf_flexgen.placement.limits import process_rss
+
+    w = Workload(spec["prompt_len"], spec["gen_len"], spec["num_prompts"])
+    baseline = process_rss()
+    t0 = time.perf_counter()
+    if spec["policy"] == "auto":
+        model = FlexGenForCausalLM.from_pretrained(spec["checkpoint"], policy="auto", workload=w,
+                                                   max_memory={"cpu": spec["cap"]},
+                                                   offload_dir=spec["offload_dir"])
+        predicted = model.plan.best
+    else:
+        policy = Policy(**spec["policy"])
+        index = CheckpointIndex(safetensors_files(Path(spec["checkpoint"])))
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(spec["checkpoint"])
+        layout = model_layout(config, index, torch.device("cpu"))
+        hw = load_or_measure(torch.device("cpu"), torch.float32)
+        predicted = estimate(policy, layout, w, hw, 4, baseline)
+        index.close()
+        model = FlexGenForCausalLM.from_pretrained(spec["checkpoint"], policy=policy,
+                                                   offload_dir=spec["offload_dir"])
+    load_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, model.config.vocab_size, (w.num_prompts, w.prompt_len), generator=gen)
+    t1 = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         max_new_tokens=w.gen_len, min_new_tokens=w.gen_len, do_sample=False)
+    generate_s = time.perf_counter() - t1
+    assert out.shape == (w.num_prompts, w.prompt_len + w.gen_len), out.shape
+    result = {"policy": asdict(model.policy), "load_s": load_s, "generate_s": generate_s,
+              "tok_s": w.num_prompts * w.gen_len / generate_s, "stats": model.last_stats,
+              "predicted_tok_s": predicted.throughput, "predicted_peak_bytes": predicted.peak_bytes["cpu"],
+              "predicted_memory": asdict(predicted.memory), "baseline_rss_bytes": baseline,
+              "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    model.close()
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+# -- parent --------------------------------------------------------------------------------
+def checkpoint_for(model: str, root: Path) -> Path:
+    if model == "smollm2":
+        from hf_flexgen.default_model import default_model_dir
+        return Path(default_model_dir())
+    from make_checkpoint import make_checkpoint
+    out = root / model
+    make_checkpoint(model, out)
+    return out
+
+
+def run_one(scenario: Scenario, checkpoint: Path, policy, tag: str, tmp: Path, timeout_s: float) -> dict:
+    spec = {"checkpoint": str(checkpoint), "cap": scenario.cap, "policy": policy,
+            "prompt_len": scenario.prompt_len, "gen_len": scenario.gen_len,
+            "num_prompts": scenario.num_prompts, "offload_dir": str(tmp / "offload")}
+    result_file, log_file = tmp / f"{tag}.json", tmp / f"{tag}.log"
+    result_file.unlink(missing_ok=True)
+    shutil.rmtree(spec["offload_dir"], ignore_errors=True)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec),
+            "--result", str(result_file)]
+    load = os.getloadavg()[0]
+    outcome = run_in_cgroup(argv, parse_bytes(scenario.cap), timeout_s, log_file)
+    row = {"scenario": scenario.name, "tag": tag, "requested": policy, "returncode": outcome.returncode,
+           "peak_rss_bytes": outcome.child_maxrss_bytes, "cgroup_peak_bytes": outcome.cgroup_peak_bytes,
+           "wall_s": outcome.wall_s, "loadavg_1m_before_after": [load, os.getloadavg()[0]]}
+    if outcome.returncode == 0 and result_file.exists():
+        row.update(json.loads(result_file.read_text()), status="ok")
+    elif outcome.killed_by == "oom":
+        row["status"] = "killed at cap"
+    elif outcome.killed_by == "timeout":
+        row["status"] = "time limit"
+    else:
+        row["status"] = f"failed (exit {outcome.returncode})"
+        row["error_tail"] = log_file.read_text(errors="replace").splitlines()[-15:]
+    logger.info("%s %s: %s%s, peak RSS %s (cgroup %s)", scenario.name, tag, row["status"],
+                f", {row['tok_s']:.2f} tok/s (predicted {row['predicted_tok_s']:.2f}), predicted "
+                f"peak {format_gib(row['predicted_peak_bytes'])}" if row["status"] == "ok" else "",
+                format_gib(outcome.child_maxrss_bytes), format_gib(outcome.cgroup_peak_bytes))
+    return row
+
+
+def grid(scenario: Scenario):
+    for b, k, w, c in itertools.product(scenario.grid_batches, GRID_MICRO_BATCHES, GRID_WEIGHTS, GRID_CACHE):
+        if b * k > scenario.num_prompts:
+            continue
+        yield {"gpu_batch_size": b, "num_gpu_batches": k, "w_gpu_percent": w, "w_cpu_percent": 0,
+               "cache_gpu_percent": c, "cache_cpu_percent": 0, "overlap": True}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for name in dict.fromkeys(r["scenario"] for r in rows):
+        mine = [r for r in rows if r["scenario"] == name]
+        auto = next(r for r in mine if r["tag"] == "auto")
+        finished = [r for r in mine if r["tag"] != "auto" and r["status"] == "ok"]
+        best = max(finished, key=lambda r: r["tok_s"], default=None)
+        ok = [r for r in mine if r["status"] == "ok"]
+        out.append({
+            "scenario": name, "auto_status": auto["status"],
+            "auto_policy": auto.get("policy"), "auto_tok_s": auto.get("tok_s"),
+            "auto_predicted_tok_s": auto.get("predicted_tok_s"),
+            "auto_peak_rss_bytes": auto["peak_rss_bytes"],
+            "auto_predicted_peak_bytes": auto.get("predicted_peak_bytes"),
+            "grid_best_tok_s": best and best["tok_s"], "grid_best": best and best["requested"],
+            "auto_vs_grid_best": (auto.get("tok_s") or 0) / best["tok_s"] if best else None,
+            "grid_runs": len(mine) - 1, "grid_killed": sum(r["status"] == "killed at cap" for r in mine),
+            "max_measured_over_predicted_peak": max((r["peak_rss_bytes"] / r["predicted_peak_bytes"]
+                                                     for r in ok), default=None),
+            "throughput_ratio_range": [min((r["tok_s"] / r["predicted_tok_s"] for r in ok), default=None),
+                                       max((r["tok_s"] / r["predicted_tok_s"] for r in ok), default=None)],
+        })
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--scenarios", nargs="*", help="names to run (default: all)")
+    parser.add_argument("--no-grid", action="store_true", help="only the auto policy")
+    parser.add_argument("--ckpt-root", type=Path, default=Path("/tmp/ckpt"))
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/auto_policy.json"))
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(json.loads(args.child), args.result)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not cgroup_available():
+        logger.error("needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
+        return 2
+    tmp = args.out.parent / "tmp" / "auto_policy"
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
+    chosen = [s for s in SCENARIOS if not args.scenarios or s.name in args.scenarios]
+    for scenario in chosen:
+        rows = [r for r in rows if r["scenario"] != scenario.name]
+        checkpoint = checkpoint_for(scenario.model, args.ckpt_root)
+        rows.append(run_one(scenario, checkpoint, "auto", "auto", tmp, args.timeout))
+        if not args.no_grid:
+            for i, policy in enumerate(grid(scenario)):
+                rows.append(run_one(scenario, checkpoint, policy, f"grid{i}", tmp, args.timeout))
+        summary = summarize(rows)
+        args.out.write_text(json.dumps({"scenarios": [asdict(s) for s in SCENARIOS],
+                                        "summary": summary, "runs": rows}, indent=1))
+        logger.info("%s", json.dumps(summary[-1] if summary else {}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Hardware profile: the bandwidths and FLOP rates the cost model needs, measured once on
+this machine and cached as JSON (``<cache>/hardware/<machine>.json``); refresh or override.
+
+Rates are what the engine's own operations reach: big fp32/half matmuls (compute-bound
+limit), a plain copy (the memory-bound limit of small-batch matmuls and attention), the
+storage-to-compute dtype cast of streamed weights, cold disk reads with the page cache
+dropped (as the engine reads), and pinned host<->device copies when a GPU is present.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from ..memory.checkpoint import drop_page_cache, read_exact
+from ..memory.resolve import cache_root
+
+logger = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Measured rates (bytes/s, FLOP/s). ``device`` is the compute device: ``cpu`` on a
+    machine without an accelerator, where its rates equal the CPU's and copies are free."""
+
+    device: str
+    disk_read_bw: float          # disk -> host RAM, page cache dropped
+    disk_write_bw: float         # host RAM -> disk, fsync'd
+    cpu_to_device_bw: float      # pinned host -> device (inf when the device is the CPU)
+    device_to_cpu_bw: float
+    device_flops: float          # large matmul in the compute dtype on the device
+    device_mem_bw: float         # device memory copy (bounds small-batch matmuls, attention)
+    cpu_flops: float             # large fp32 matmul on the CPU (delegated attention)
+    cpu_mem_bw: float            # host memory copy
+    cast_bw: float               # half -> compute dtype cast, bytes of output per second
+    torch_threads: int
+
+    @property
+    def is_cpu_only(self) -> bool:
+        return self.device == "cpu"
+
+    def to_json(self) -> dict:
+        return {"version": PROFILE_VERSION, **{k: (None if v == float("inf") else v)
+                                               for k, v in asdict(self).items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "HardwareProfile":
+        names = {f.name for f in fields(cls)}
+        missing = names - data.keys()
+        if missing:
+            raise ValueError(f"hardware profile lacks {sorted(missing)}; measure it again "
+                             "(refresh=True, or `hf-flexgen plan --refresh-profile`)")
+        return cls(**{k: (float("inf") if data[k] is None else data[k]) for k in names})
+
+
+def machine_key(device: torch.device) -> str:
+    """Identifies what the profile was measured on: host, device, threads."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    raw = f"{platform.node()}-{name}-t{torch.get_num_threads()}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
+
+
+def profile_path(device: torch.device) -> Path:
+    return cache_root() / "hardware" / f"{machine_key(device)}.json"
+
+
+def load_or_measure(device: torch.device, dtype: torch.dtype, disk_dir: Path | None = None,
+                    refresh: bool = False, **overrides) -> HardwareProfile:
+    """The cached profile for this machine (measured and saved the first time, or when
+    ``refresh``), with ``overrides`` (field=value) applied on top."""
+    path = profile_path(device)
+    profile = None
+    if path.exists() and not refresh:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") == PROFILE_VERSION:
+                profile = HardwareProfile.from_json(data)
+        except (ValueError, json.JSONDecodeError) as err:
+            logger.warning("ignoring unreadable hardware profile %s (%s)", path, err)
+    if profile is None:
+        logger.info("measuring this machine's bandwidths and FLOP rates (once; cached in %s)", path)
+        profile = measure(device, dtype, disk_dir or cache_root())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(profile.to_json(), indent=2))
+        tmp.replace(path)
+    return replace(profile, **overrides) if overrides else profile
+
+
+def measure(device: torch.device, dtype: torch.dtype, disk_dir: Path) -> HardwareProfile:
+    cpu = torch.device("cpu")
+    cpu_flops = matmul_flops(cpu, torch.float32)
+    cpu_mem = copy_bw(cpu)
+    if device.type == "cpu":
+        device_flops, device_mem, to_dev, from_dev = cpu_flops, cpu_mem, float("inf"), float("inf")
+        if dtype != torch.float32:
+            device_flops = matmul_flops(cpu, dtype)
+    else:
+        device_flops, device_mem = matmul_flops(device, dtype), copy_bw(device)
+        to_dev, from_dev = transfer_bw(cpu, device), transfer_bw(device, cpu)
+    read_bw, write_bw = disk_bw(Path(disk_dir))
+    return HardwareProfile(
+        device=str(device.type), disk_read_bw=read_bw, disk_write_bw=write_bw,
+        cpu_to_device_bw=to_dev, device_to_cpu_bw=from_dev, device_flops=device_flops,
+        device_mem_bw=device_mem, cpu_flops=cpu_flops, cpu_mem_bw=cpu_mem,
+        cast_bw=cast_bw(device, dtype), torch_threads=torch.get_num_threads())
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Best seconds per call of ``fn`` over ``repeats`` after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 2048 if device.type == "cpu" else 8192
+    if device.type == "cpu" and dtype != torch.float32:
+        n = 256  # half matmuls can be orders of magnitude slower on CPUs
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n**3 / _timed(lambda: a @ b, device, 3)
+
+
+def copy_bw(device: torch.device) -> float:
+    """Bytes read + written per second by a large copy."""
+    src = torch.ones(64 * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), device, 5)
+
+
+def cast_bw(device: torch.device, dtype: torch.dtype) -> float:
+    """fp16 -> compute dtype, bytes of output per second (the upcast of streamed weights)."""
+    src = torch.ones(32 * 2**20, dtype=torch.float16, device=device)
+    dst = torch.empty(src.shape, dtype=dtype, device=device)
+    return dst.numel() * dst.element_size() / _timed(lambda: dst.copy_(src), device, 5)
+
+
+def transfer_bw(src_device: torch.device, dst_device: torch.device) -> float:
+    n = 256 * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=src_device,
+                      pin_memory=src_device.type == "cpu")
+    dst = torch.empty(n, dtype=torch.uint8, device=dst_device,
+                      pin_memory=dst_device.type == "cpu")
+    sync = dst_device if dst_device.type == "cuda" else src_device
+    return n / _timed(lambda: dst.copy_(src, non_blocking=True), sync, 3)
+
+
+def disk_bw(directory: Path, size: int = 256 * 2**20) -> tuple[float, float]:
+    """Sequential write (fsync'd) and cold read (page cache dropped) of a temporary file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = torch.ones(size, dtype=torch.uint8).numpy()
+    handle, name = tempfile.mkstemp(prefix="hw_probe_", dir=directory)
+    try:
+        start = time.perf_counter()
+        done = 0
+        while done < size:
+            done += os.pwrite(handle, data[done:], done)
+        os.fsync(handle)
+        write = size / (time.perf_counter() - start)
+        best_read = 0.0
+        for _ in range(2):
+            drop_page_cache(handle, 0, size)
+            start = time.perf_counter()
+            read_exact(handle, memoryview(data), 0)
+            best_read = max(best_read, size / (time.perf_counter() - start))
+        drop_page_cache(handle, 0, size)
+        return best_read, write
+    finally:
+        os.close(handle)
+        os.unlink(name)
