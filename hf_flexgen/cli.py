@@ -185,10 +185,7 @@ def build_policy(args):
     from .policy import Policy
 
     if args.policy == "auto":
-        # Remove once the engine's policy="auto" (issue 6) lands: pass "auto" through then.
-        raise CliError("--policy auto is not implemented yet (issue 6); choose a placement with "
-                       "--percent W_GPU W_CPU CACHE_GPU CACHE_CPU ACT_GPU ACT_CPU, "
-                       "--gpu-batch-size N and --num-gpu-batches K")
+        return "auto"
     try:
         return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
                                    num_gpu_batches=args.num_gpu_batches)
@@ -212,15 +209,33 @@ def check_model(name):
         raise CliError(f"--model {name}: {one_line(err)}") from err
 
 
-def load_model(directory, policy, args):
+def load_model(directory, policy, args, workload=None):
     from .modeling import FlexGenForCausalLM
+    from .placement import PlacementError
 
+    auto = {} if policy != "auto" else {"max_memory": parse_max_memory_args(args.max_memory),
+                                        "workload": workload}
     with memory_errors(policy):
         try:
             return FlexGenForCausalLM.from_pretrained(directory, policy=policy, device=args.device,
-                                                      offload_dir=args.offload_dir)
+                                                      offload_dir=args.offload_dir, **auto)
+        except PlacementError as err:
+            raise CliError(f"policy auto: {one_line(err)}") from err
         except (FileNotFoundError, ValueError, KeyError, NotImplementedError) as err:
             raise CliError(f"--model {directory}: {one_line(err)}") from err
+
+
+def parse_max_memory_args(items) -> dict | None:
+    """``cpu=64GiB cuda:0=16GiB disk=500GiB`` -> HF's max_memory dict."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise CliError(f"--max-memory takes HOME=SIZE items (e.g. cpu=16GiB), got {item!r}")
+        out[int(key) if key.isdigit() else key] = value
+    return out
 
 
 @contextmanager
@@ -232,6 +247,9 @@ def memory_errors(policy):
     except (MemoryError, RuntimeError, OSError) as err:
         if not is_memory_error(err):
             raise
+        if policy == "auto":
+            raise CliError(f"policy auto ran out of memory or disk ({one_line(err)}); please "
+                           "report it, and lower --max-memory meanwhile") from err
         raise CliError(f"the policy does not fit in this machine's memory or disk ({one_line(err)}); "
                        f"lower --gpu-batch-size ({policy.gpu_batch_size}) or --num-gpu-batches "
                        f"({policy.num_gpu_batches}), or move weights / KV cache off the device "
@@ -289,8 +307,12 @@ def prepare_prompts(args, jobs: list[Job]):
 
 def run_job(args, policy, directory, tokenizer, encoded, jobs: list[Job], skip: set, results) -> None:
     from .pipeline import plan_blocks, run_blocks
+    from .placement import Workload
 
-    model = load_model(directory, policy, args)
+    # policy auto is planned for the whole job, done or not, so a resumed run chooses alike
+    workload = Workload(max(len(e) for e in encoded), args.max_new_tokens, len(encoded))
+    model = load_model(directory, policy, args, workload)
+    policy = model.policy
     try:
         # planned over all jobs, done or not: a resumed run rebuilds the same blocks
         blocks = plan_blocks([len(e) for e in encoded], policy.block_size)
@@ -330,6 +352,83 @@ def write_results(completions, jobs: list[Job], results, todo: int, quiet: bool)
     logging.info("%d prompts, %d new tokens in %.1f s", todo, tokens, time.perf_counter() - start)
 
 
+# -- plan ---------------------------------------------------------------------------------
+def cmd_plan(args) -> int:
+    import torch
+
+    from .modeling import config_layout, default_device, default_dtype, plan_policy
+    from .placement import PlacementError, Workload
+    from .policy import Policy
+
+    try:
+        workload = Workload(args.prompt_len, args.gen_len, args.num_prompts)
+        base = Policy(overlap=not args.no_overlap, compress_weight=args.compress_weight,
+                      compress_cache=args.compress_cache, cpu_cache_compute=args.cpu_cache_compute)
+    except ValueError as err:
+        raise CliError(one_line(err)) from err
+    config, layout_of = plan_model(args.model)
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = default_dtype(device, config)
+    try:
+        layout = layout_of(device) if layout_of else config_layout(config)
+        chosen = plan_policy(config, layout, device, dtype, workload, parse_max_memory_args(args.max_memory),
+                             base, disk_dir=args.offload_dir, refresh_profile=args.refresh_profile)
+    except PlacementError as err:
+        raise CliError(one_line(err)) from err
+    rows = [chosen.best, *chosen.runners_up]
+    if args.json:
+        print(json.dumps({"limits": chosen.limits, "workload": workload.__dict__,
+                          "plans": [plan_record(e) for e in rows]}, indent=1))
+        return 0
+    print(f"workload: prompt {workload.prompt_len}, {workload.gen_len} new tokens, "
+          f"{workload.num_prompts} prompts; limits: {fmt_bytes(chosen.limits)}")
+    for rank, est in enumerate(rows):
+        label = "chosen   " if rank == 0 else "runner-up"
+        print(f"{label} {est.throughput:9.2f} tok/s  {describe_policy(est.policy)}  "
+              f"peak {fmt_bytes(est.peak_bytes)}")
+    best = chosen.best.policy
+    print(f"use: --policy auto, or --percent {best.w_gpu_percent:g} {best.w_cpu_percent:g} "
+          f"{best.cache_gpu_percent:g} {best.cache_cpu_percent:g} {best.act_gpu_percent:g} "
+          f"{best.act_cpu_percent:g} --gpu-batch-size {best.gpu_batch_size} "
+          f"--num-gpu-batches {best.num_gpu_batches}")
+    return 0
+
+
+def plan_model(name):
+    """(config, layout factory or None): a local checkpoint gives exact tensor shapes and
+    dtypes; a hub id gives its config only (fp16 storage assumed)."""
+    if name is None or Path(name).expanduser().is_dir() or str(name).startswith((".", "/", "~")):
+        directory, config = check_model(name)
+        from .memory.checkpoint import CheckpointIndex
+        from .memory.resolve import safetensors_files
+        from .modeling import model_layout
+
+        def layout_of(device):
+            return model_layout(config, CheckpointIndex(safetensors_files(Path(directory))), device)
+        return config, layout_of
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name), None
+    except (OSError, ValueError) as err:
+        raise CliError(f"--model {name}: {one_line(err)}") from err
+
+
+def describe_policy(p) -> str:
+    from .placement import describe
+    return describe(p)
+
+
+def fmt_bytes(values: dict) -> str:
+    return ", ".join(f"{home} {size / 2**30:.2f} GiB" for home, size in values.items() if size)
+
+
+def plan_record(est) -> dict:
+    from dataclasses import asdict
+    return {"policy": asdict(est.policy), "throughput_tok_s": est.throughput,
+            "prefill_s": est.prefill_s, "decode_s": est.decode_s, "peak_bytes": est.peak_bytes,
+            "memory": asdict(est.memory)}
+
+
 # -- parsing ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
@@ -344,10 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "command to resume (default: print to stdout)")
     placement = gen.add_mutually_exclusive_group()
     placement.add_argument("--policy", choices=["auto"],
-                           help="pick the placement automatically (not implemented yet)")
+                           help="pick placement and block shape for this job within --max-memory "
+                                "(see `hf-flexgen plan`)")
     placement.add_argument("--percent", nargs=6, type=float, default=[100, 0, 100, 0, 100, 0],
                            metavar=("W_GPU", "W_CPU", "CACHE_GPU", "CACHE_CPU", "ACT_GPU", "ACT_CPU"),
                            help="FlexGen's placement percentages (default: all on the device)")
+    gen.add_argument("--max-memory", nargs="+", metavar="HOME=SIZE",
+                     help="limits for --policy auto, e.g. cpu=16GiB cuda:0=12GiB disk=200GiB "
+                          "(default: what is free, with a margin)")
     gen.add_argument("--gpu-batch-size", type=int, default=8, help="sequences per micro-batch")
     gen.add_argument("--num-gpu-batches", type=int, default=1, help="micro-batches per block")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -363,6 +466,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help='feed "prompt" strings as is instead of as a user turn of the chat template')
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
+
+    pl = sub.add_parser("plan", help="print the policy 'auto' picks, its predicted throughput "
+                                     "and memory, and the runners-up")
+    pl.add_argument("--model", help="checkpoint directory, or a hub id (only its config is "
+                                    "fetched); default: the built-in SmolLM2-135M-Instruct")
+    pl.add_argument("--prompt-len", type=int, default=512)
+    pl.add_argument("--gen-len", type=int, default=32)
+    pl.add_argument("--num-prompts", type=int, default=1024)
+    pl.add_argument("--max-memory", nargs="+", metavar="HOME=SIZE",
+                    help="e.g. cpu=16GiB cuda:0=12GiB disk=200GiB (default: what is free)")
+    pl.add_argument("--device", default=None, help="compute device (default: cuda if present, else cpu)")
+    pl.add_argument("--compress-weight", action="store_true", help="plan with 4-bit weights")
+    pl.add_argument("--compress-cache", action="store_true", help="plan with a 4-bit KV cache")
+    pl.add_argument("--cpu-cache-compute", action="store_true", help="plan with CPU-delegated attention")
+    pl.add_argument("--no-overlap", action="store_true", help="plan for the serial I/O path")
+    pl.add_argument("--offload-dir", default=None, help="where disk-homed KV cache would go")
+    pl.add_argument("--refresh-profile", action="store_true",
+                    help="measure this machine (and the model's layer) again")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pl.set_defaults(func=cmd_plan)
     return parser
 
 

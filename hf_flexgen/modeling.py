@@ -106,22 +106,21 @@ class _Shape:
     dtype: torch.dtype
 
 
-def plan_policy(config, index: CheckpointIndex, device: torch.device, dtype: torch.dtype,
+def plan_policy(config, layout: ModelLayout, device: torch.device, dtype: torch.dtype,
                 workload: Workload, max_memory: dict | None = None,
                 base: Policy | None = None, disk_dir: Path | None = None,
                 refresh_profile: bool = False) -> Plan:
-    """policy="auto": measure (once) this machine, then solve for the fastest policy that
-    fits ``max_memory`` (HF's convention; default: what is free, with a margin)."""
+    """policy="auto": measure (once) this machine and one layer of this model shape, then
+    solve for the fastest policy that fits ``max_memory`` (HF's convention; default: what is
+    free, with a margin). Raises ``PlacementError`` before any weight is read when nothing fits."""
     disk_dir = Path(disk_dir) if disk_dir else Path(tempfile.gettempdir())
     limits = parse_max_memory(max_memory, device, disk_dir)
     hardware = load_or_measure(device, dtype, disk_dir, refresh=refresh_profile)
-    skeleton = build_skeleton(config, device)
-    keys = stage_checkpoint_keys(skeleton, adapter_for(skeleton), index)
-    layout = ModelLayout.from_checkpoint(config, keys, index.locations)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     baseline = process_rss()
-    check_minimum(base or Policy(overlap=True), limits, layout, workload, hardware, itemsize, baseline)
-    measured = layer_costs(config, skeleton, device, dtype, refresh=refresh_profile)
+    base = base or Policy(overlap=True)
+    check_minimum(base, limits, layout, workload, hardware, itemsize, baseline)
+    measured = layer_costs(config, build_skeleton(config, device), device, dtype, refresh=refresh_profile)
     return plan(layout, workload, hardware, limits, itemsize, baseline, base=base, measured=measured)
 
 
@@ -194,8 +193,8 @@ class FlexGenForCausalLM:
         chosen = None
         if policy == "auto":
             workload = workload or default_workload(config)
-            chosen = plan_policy(config, index, device, dtype, workload, max_memory, auto_base,
-                                 disk_dir=offload_dir)
+            chosen = plan_policy(config, model_layout(config, index, device), device, dtype,
+                                 workload, max_memory, auto_base, disk_dir=offload_dir)
             policy = chosen.policy
         model = cls(config, index, policy, device, dtype, offload_dir, generation_config,
                     name_or_path=str(name_or_path), checkpoint_dir=directory)

@@ -240,9 +240,36 @@ def test_prompt_longer_than_context_before_loading_weights(smollm2_dir, tmp_path
     assert rc == 2 and "no *.safetensors or *.bin weight files" in err and "Traceback" not in err
 
 
-def test_policy_auto_is_not_implemented_yet(capsys):
-    rc, err = run_main(capsys, "--policy", "auto")
-    assert rc == 2 and "--policy auto is not implemented yet" in err and "--percent" in err
+def test_policy_auto_generates_what_a_fixed_policy_does(smollm2_dir, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", mixed_jobs()[:10])
+    common = ["--model", smollm2_dir, "--input", prompts, "--max-new-tokens", 3, "--quiet"]
+    fixed, auto = tmp_path / "fixed.jsonl", tmp_path / "auto.jsonl"
+    assert run_main(capsys, *common, "--output", fixed)[0] == 0
+    rc, err = run_main(capsys, *common, "--output", auto, "--policy", "auto", "--max-memory", "cpu=3GiB")
+    assert rc == 0, err
+    # greedy tokens do not depend on placement or block shape
+    assert {r["id"]: r for r in read_results(auto)} == {r["id"]: r for r in read_results(fixed)}
+
+
+def test_policy_auto_below_the_minimum_is_refused(smollm2_dir, capsys):
+    rc, err = run_main(capsys, "--model", smollm2_dir, "--policy", "auto", "--max-memory", "cpu=50MiB")
+    assert rc == 2 and "needs at least cpu" in err and "Traceback" not in err
+    rc, err = run_main(capsys, "--policy", "auto", "--max-memory", "cpu")
+    assert rc == 2 and "HOME=SIZE" in err
+
+
+def test_plan_prints_policy_prediction_and_runners_up(smollm2_dir, capsys):
+    rc = main(["plan", "--model", str(smollm2_dir), "--prompt-len", "32", "--gen-len", "8",
+               "--num-prompts", "64", "--max-memory", "cpu=2GiB", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    report = json.loads(out)
+    assert report["limits"]["cpu"] == 2 * 2**30 and len(report["plans"]) >= 2
+    for plan in report["plans"]:
+        assert plan["throughput_tok_s"] > 0 and plan["peak_bytes"]["cpu"] <= 2 * 2**30
+    assert main(["plan", "--model", str(smollm2_dir), "--max-memory", "cpu=2GiB"]) == 0
+    table = capsys.readouterr().out
+    assert "chosen" in table and "runner-up" in table and "--percent" in table
 
 
 def test_bad_policy_percent(capsys):
