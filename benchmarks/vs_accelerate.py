@@ -20,8 +20,11 @@ Fairness rules applied to every configuration of both peers:
 Scenario ``cpu`` (default): OPT-1.3B shape, CPU only, weights streamed from disk.
 Scenario ``gpu``: OPT-30B shape, 16 GiB of GPU memory; needs a CUDA device.
 
-    python benchmarks/vs_accelerate.py --scenario cpu --model opt-1.3b --budget 4GiB \
-        --prompt-len 32 --gen-len 16 --num-prompts 32 --out benchmarks/results/vs_accelerate_cpu.json
+    flock /tmp/hf_flexgen_timing.lock python benchmarks/vs_accelerate.py --scenario cpu \
+        --model opt-1.3b --budget 2.5GiB --prompt-len 8 --gen-len 16 --num-prompts 128 \
+        --flexgen-cache-cpu 0 --overlap-off-too --accelerate-batches 128,64,32 \
+        --accelerate-floor-gib 1.5 --timeout-factor 1 --max-budget-factor 2.25 \
+        --out benchmarks/results/vs_accelerate_cpu.json
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's hf_flexgen
 from cgroup import cgroup_available, format_gib, parse_bytes, run_in_cgroup  # noqa: E402
 
 logger = logging.getLogger("vs_accelerate")
@@ -146,7 +150,8 @@ def run_flexgen(spec: RunSpec) -> dict:
     model.close()
     return {"load_s": load_s, "generate_s": gen_s, "new_tokens": out[:, w.prompt_len:],
             "prefill_s": stats.get("prefill_s"), "decode_s": stats.get("decode_s"),
-            "io_wait_s": stats.get("io_wait_s"), "last_stats": stats,
+            "io_wait_s": stats.get("io_wait_s"), "decode_io_wait_s": stats.get("decode_io_wait_s"),
+            "last_stats": stats,
             "disk_read_bytes": disk_read_bytes() - read0, "placement_bytes": weights_by_home}
 
 
@@ -282,7 +287,7 @@ def run_spec(spec: RunSpec, timeout_s: float, settings: Settings, tag: str) -> d
             "--result", str(result_file)]
     logger.info("run %s [%s] budget %s, time limit %.0f s", spec.peer, spec.label(),
                 format_gib(spec.budget_bytes), timeout_s)
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
     outcome = run_in_cgroup(argv, spec.budget_bytes, timeout_s, log_file)
     shutil.rmtree(spec.offload_dir, ignore_errors=True)
     row = {"peer": spec.peer, "label": spec.label(), "config": spec.config,
@@ -290,7 +295,7 @@ def run_spec(spec: RunSpec, timeout_s: float, settings: Settings, tag: str) -> d
            "wall_s": outcome.wall_s, "time_limit_s": timeout_s,
            "peak_rss_bytes": outcome.child_maxrss_bytes, "cgroup_peak_bytes": outcome.cgroup_peak_bytes,
            "oom_kills": outcome.oom_kills, "log": str(log_file),
-           "loadavg_1m_before_after": [load_before, os.getloadavg()[0]]}
+           "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     if outcome.returncode == 0 and result_file.exists():
         row.update(json.loads(result_file.read_text()), status="ok")
         row["tok_s"] = spec.workload.generated_tokens / row["generate_s"]
@@ -333,36 +338,41 @@ def run_with_escalation(spec: RunSpec, timeout_s: float, settings: Settings, tag
     return rows
 
 
-def time_limit(rows: list[dict], peer: str, settings: Settings) -> float:
-    done = [r["wall_s"] for r in rows if r["peer"] == peer and r["status"] == "ok"]
+def time_limit(rows: list[dict], peer: str, settings: Settings, budget: int) -> float:
+    """A run slower than ``timeout_factor`` x the peer's fastest finished run at the same
+    budget is stopped (with factor 1: it can no longer be the peer's best)."""
+    done = [r["wall_s"] for r in rows if r["peer"] == peer and r["status"] == "ok"
+            and r["budget_bytes"] == budget]
     return min([settings.max_run_s] + [settings.timeout_factor * t for t in done])
 
 
-def flexgen_configs(w: Workload, overlap: bool, device: str) -> list[FlexGenConfig]:
-    """A small policy search. CPU: one block of every prompt in one or four micro-batches,
-    all weights on disk or 10% resident. GPU (FlexGen's OPT-30B policy shape): 20% of the
-    weights on the GPU, the rest and the KV cache in host RAM."""
+def flexgen_configs(w: Workload, overlap: bool, device: str,
+                    cache_cpu: list[float]) -> list[FlexGenConfig]:
+    """A small policy search. CPU: one block of every prompt as one micro-batch (on a CPU,
+    one large matmul beats several small ones), all weights on disk, the KV cache in host
+    RAM by each of ``cache_cpu`` percent (the rest on disk). GPU (FlexGen's OPT-30B policy
+    shape): 20% of the weights on the GPU, the rest and the KV cache in host RAM."""
     n = w.num_prompts
     quarter = max(1, n // 4)
     if device == "cuda":
         gpu = dict(w_gpu_percent=20, w_cpu_percent=80, cache_gpu_percent=0, cache_cpu_percent=100)
         return [FlexGenConfig(quarter, n // quarter, overlap=overlap, **gpu),
                 FlexGenConfig(n // 2, 2, overlap=overlap, **gpu)]
-    return [FlexGenConfig(n, 1, overlap=overlap),
-            FlexGenConfig(quarter, n // quarter, overlap=overlap),
-            FlexGenConfig(n, 1, w_cpu_percent=10, overlap=overlap)]
+    return [FlexGenConfig(n, 1, cache_cpu_percent=c, overlap=overlap) for c in cache_cpu]
 
 
-def accelerate_configs(w: Workload, dtypes: list[str], floor_gib: float) -> list[AccelerateConfig]:
-    """Batch sizes from the number of prompts down through powers of 4, largest first."""
+def accelerate_configs(w: Workload, dtypes: list[str], floor_gib: float,
+                       batches: list[int] | None = None) -> list[AccelerateConfig]:
+    """Batch sizes (default: the number of prompts down through powers of 4), largest first."""
     sizes, b = {w.num_prompts}, 1
     while b < w.num_prompts:
         sizes.add(b)
         b *= 4
+    sizes = set(batches) if batches else sizes
     return [AccelerateConfig(s, d, floor_gib) for d in dtypes for s in sorted(sizes, reverse=True)]
 
 
-def run_accelerate_search(configs, w, budget, settings, rows, device, gpu_budget) -> None:
+def run_accelerate_search(configs, w, budget, settings, rows, device, gpu_budget, save) -> None:
     """Largest batch first; once a batch size hits the time limit, smaller ones (which read
     the offloaded weights more often) are listed as not run."""
     stopped: dict[str, int] = {}
@@ -374,8 +384,10 @@ def run_accelerate_search(configs, w, budget, settings, rows, device, gpu_budget
                          "weights more often)"})
             continue
         spec = RunSpec(ACCELERATE, asdict(c), w, budget, device=device, gpu_budget_bytes=gpu_budget)
-        new = run_with_escalation(spec, time_limit(rows, ACCELERATE, settings), settings, f"acc{i}")
+        new = run_with_escalation(spec, time_limit(rows, ACCELERATE, settings, budget), settings,
+                                  f"acc{i}")
         rows.extend(new)
+        save()
         if any(r["status"] == "time limit" for r in new):
             stopped[c.dtype] = c.batch_size
 
@@ -408,9 +420,14 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _share(part, whole) -> str:
+    return "-" if part is None or not whole else f"{part:.1f} s ({100 * part / whole:.0f}%)"
+
+
 def table(rows: list[dict]) -> str:
     head = ("| peer | configuration | budget | status | tok/s | vs best Acc | load s | gen s | "
-            "prefill s | decode s | I/O wait s | disk read GB | peak RSS | cgroup peak | % roofline |")
+            "prefill s | decode s | I/O wait s | decode I/O wait | disk read GB | peak RSS | "
+            "cgroup peak | % roofline |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ok = r.get("status") == "ok"
@@ -425,6 +442,7 @@ def table(rows: list[dict]) -> str:
             _fmt(r.get("load_s"), ".0f"), _fmt(r.get("generate_s"), ".1f"),
             _fmt(r.get("prefill_s"), ".1f"), _fmt(r.get("decode_s"), ".1f"),
             _fmt(r.get("io_wait_s"), ".1f"),
+            _share(r.get("decode_io_wait_s"), r.get("decode_s")),
             _fmt(r.get("disk_read_bytes") / 1e9 if r.get("disk_read_bytes") is not None else None, ".1f"),
             format_gib(r["peak_rss_bytes"]) if "peak_rss_bytes" in r else "-",
             format_gib(r["cgroup_peak_bytes"]) if "cgroup_peak_bytes" in r else "-",
@@ -435,8 +453,8 @@ def table(rows: list[dict]) -> str:
 
 # -- scenarios -------------------------------------------------------------------------------------
 SCENARIOS = {
-    "cpu": dict(model="opt-1.3b", budget="4GiB", gpu_budget=None, prompt_len=32, gen_len=16,
-                num_prompts=32, dtypes="float32,float16"),
+    "cpu": dict(model="opt-1.3b", budget="2.5GiB", gpu_budget=None, prompt_len=8, gen_len=16,
+                num_prompts=128, dtypes="float32,float16"),
     "gpu": dict(model="opt-30b", budget="200GiB", gpu_budget="16GiB", prompt_len=512, gen_len=32,
                 num_prompts=64, dtypes="float16"),
 }
@@ -458,6 +476,12 @@ def parse_args(argv):
     parser.add_argument("--accelerate-floor-gib", type=float, default=1.0,
                         help="budget Accelerate keeps free of weights for the runtime")
     parser.add_argument("--no-overlap", action="store_true", help="hf_flexgen policies with overlap=False")
+    parser.add_argument("--overlap-off-too", action="store_true",
+                        help="also run hf_flexgen's best policy with overlap=False (I/O-wait comparison)")
+    parser.add_argument("--flexgen-cache-cpu", default="0",
+                        help="comma-separated KV cache percentages in host RAM to try (rest on disk)")
+    parser.add_argument("--accelerate-batches", help="comma-separated batch sizes for Accelerate "
+                        "(default: the number of prompts and powers of 4 below it)")
     parser.add_argument("--only", choices=[FLEXGEN, ACCELERATE], help="run one peer only")
     parser.add_argument("--max-run-s", type=float, default=900)
     parser.add_argument("--timeout-factor", type=float, default=2.0)
@@ -505,24 +529,43 @@ def main(argv=None) -> int:
     dtypes = _usable_dtypes(args.accelerate_dtypes.split(","), hw, device)
 
     rows: list[dict] = []
+    load_start = os.getloadavg()
+
+    def save() -> dict:
+        """Write the report so far (after every configuration: a cut-short benchmark keeps
+        what finished)."""
+        best_acc = annotate(rows, roof_fn)
+        report = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+                  "scenario": args.scenario, "workload": asdict(w), "budget_bytes": budget,
+                  "gpu_budget_bytes": gpu_budget, "hardware": asdict(hw),
+                  "roofline": asdict(roof_fn(budget)), "accelerate_dtypes_skipped": dtypes["skipped"],
+                  "best": {p: _best(rows, p) for p in (FLEXGEN, ACCELERATE)},
+                  "best_accelerate_tok_s": best_acc["tok_s"] if best_acc else None,
+                  "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "runs": rows}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        logger.info("wrote %s", out)
+        return report
+
     if args.only != ACCELERATE:
-        for i, c in enumerate(flexgen_configs(w, not args.no_overlap, device)):
+        cache_cpu = [float(c) for c in args.flexgen_cache_cpu.split(",")]
+        configs = flexgen_configs(w, not args.no_overlap, device, cache_cpu)
+        for i, c in enumerate(configs):
             spec = RunSpec(FLEXGEN, asdict(c), w, budget, device=device, gpu_budget_bytes=gpu_budget)
-            rows.extend(run_with_escalation(spec, time_limit(rows, FLEXGEN, settings), settings, f"flex{i}"))
+            rows.extend(run_with_escalation(spec, time_limit(rows, FLEXGEN, settings, budget),
+                                            settings, f"flex{i}"))
+            save()
+        best = _best(rows, FLEXGEN)
+        if args.overlap_off_too and best and best["config"]["overlap"]:
+            spec = RunSpec(FLEXGEN, {**best["config"], "overlap": False}, w, best["budget_bytes"],
+                           device=device, gpu_budget_bytes=gpu_budget)
+            rows.extend(run_with_escalation(spec, settings.max_run_s, settings, "flex_serial"))
+            save()
     if args.only != FLEXGEN:
-        run_accelerate_search(accelerate_configs(w, dtypes["run"], args.accelerate_floor_gib),
-                              w, budget, settings, rows, device, gpu_budget)
-    best_acc = annotate(rows, roof_fn)
-    report = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "scenario": args.scenario,
-              "workload": asdict(w), "budget_bytes": budget, "gpu_budget_bytes": gpu_budget,
-              "hardware": asdict(hw), "roofline": asdict(roof_fn(budget)),
-              "accelerate_dtypes_skipped": dtypes["skipped"],
-              "best": {p: _best(rows, p) for p in (FLEXGEN, ACCELERATE)},
-              "best_accelerate_tok_s": best_acc["tok_s"] if best_acc else None,
-              "load_avg_end": os.getloadavg(), "runs": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    logger.info("wrote %s", out)
+        batches = [int(b) for b in args.accelerate_batches.split(",")] if args.accelerate_batches else None
+        run_accelerate_search(accelerate_configs(w, dtypes["run"], args.accelerate_floor_gib, batches),
+                              w, budget, settings, rows, device, gpu_budget, save)
+    report = save()
     print(table(rows))
     for peer in (FLEXGEN, ACCELERATE):
         best = report["best"][peer]

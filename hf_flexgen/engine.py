@@ -48,6 +48,7 @@ class EngineStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     io_wait_s: float = 0.0      # compute thread blocked on weight / KV I/O
+    decode_io_wait_s: float = 0.0  # the part of io_wait_s spent in decode steps
     weight_bytes_read: int = 0  # from disk (checkpoint files read in place)
     kv_bytes_read: int = 0      # KV cache moved from its home to the compute device
     kv_bytes_stored: int = 0    # largest KV cache a block held (all homes, at its end)
@@ -117,13 +118,14 @@ class BlockEngine:
                 active = [mb for mb in micro_batches if not mb.done]
                 if not active:
                     break
-                start = time.perf_counter()
+                start, waits = time.perf_counter(), self.weights_io.wait_s + self.cache_io.wait_s
                 self._run_step(active, chooser, on_scores, steps)
                 elapsed = time.perf_counter() - start
                 if steps == 0:
                     self.stats.prefill_s += elapsed
                 else:
                     self.stats.decode_s += elapsed
+                    self.stats.decode_io_wait_s += self.weights_io.wait_s + self.cache_io.wait_s - waits
                 steps += 1
         finally:
             self.cache_io.wait(self.cache_io.submit(lambda: None))  # pending KV writes land
@@ -144,9 +146,10 @@ class BlockEngine:
         pending = self.weights_io.submit(self.store.fetch, 0)
         for u, (j, k) in enumerate(units):
             if k == 0:
-                weights = self.weights_io.wait(pending)
+                fetched = self.weights_io.wait(pending)
                 if j < last:
                     pending = self.weights_io.submit(self.store.fetch, j + 1)
+                weights = self.store.to_compute(j, fetched)
             if self.policy.overlap and u + 1 < len(units):
                 nj, nk = units[u + 1]
                 if 0 < nj < last:

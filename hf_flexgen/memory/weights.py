@@ -47,7 +47,13 @@ class WeightStore:
             self.stages.append([WeightSpec(n, k, s, h) for (n, k), s, h
                                 in zip(names_to_keys.items(), shapes, homes)])
         self._resident: dict[tuple[str, str], torch.Tensor] = {}
-        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}  # CPU staging buffers
+        self._holds: dict[int, str] = {}  # id(staging buffer) -> checkpoint key it holds
+        stages_using: dict[str, set[int]] = {}
+        for j, stage in enumerate(self.stages):
+            for spec in stage:
+                stages_using.setdefault(spec.key, set()).add(j)
+        self._shared = {key: len(js) > 1 for key, js in stages_using.items()}
         for spec in self.all_specs():
             if spec.home != DISK and (spec.key, spec.home) not in self._resident:
                 self._resident[(spec.key, spec.home)] = self._load_resident(spec)
@@ -66,7 +72,8 @@ class WeightStore:
             if self._is_compressed(spec):
                 totals[spec.home] += self.compressed.nbytes(spec.key)
                 continue
-            itemsize = (self.index.locations[spec.key].dtype.itemsize if spec.home == DISK
+            stored = spec.home == DISK or self._keeps_stored_dtype(spec)
+            itemsize = (self.index.locations[spec.key].dtype.itemsize if stored
                         else self.dtype.itemsize)
             totals[spec.home] += spec.numel * itemsize
         return totals
@@ -88,13 +95,22 @@ class WeightStore:
                 return q
             return QuantizedTensor(q.data.pin_memory(), q.scale.pin_memory(),
                                    q.minimum.pin_memory(), q.shape, q.config)
+        if self._keeps_stored_dtype(spec):
+            return self.index.read(spec.key)
         tensor = self.index.read(spec.key).to(self.dtype)
         if spec.home == DEVICE:
             return tensor.to(self.device)
         return tensor.pin_memory() if self.pin_memory else tensor
 
+    def _keeps_stored_dtype(self, spec: WeightSpec) -> bool:
+        """On a CPU compute device the cpu home holds the checkpoint's dtype (half the RAM of
+        fp32 for a half checkpoint), converted per use; the device home holds the compute dtype."""
+        return self.device.type == "cpu" and spec.home == CPU
+
     def fetch(self, stage: int) -> dict[str, torch.Tensor]:
-        """One stage's weights on the compute device, keyed by HF parameter name."""
+        """One stage's weights, keyed by HF parameter name: on the compute device in the
+        compute dtype, except on CPU, where disk and cpu homes hand over the stored dtype and
+        :meth:`to_compute` converts them. Runs on the I/O worker."""
         out = {}
         for spec in self.stages[stage]:
             if self._is_compressed(spec):
@@ -102,26 +118,56 @@ class WeightStore:
                      else self._resident[(spec.key, spec.home)])
                 out[spec.name] = dequantize(q.to(self.device, non_blocking=True), self.dtype)
             elif spec.home == DISK:
-                out[spec.name] = self._read_from_disk(spec, slot=stage % 2)
+                out[spec.name] = self._read_from_disk(spec, stage)
+            elif self._keeps_stored_dtype(spec):
+                out[spec.name] = self._resident[(spec.key, spec.home)]
             else:
                 out[spec.name] = self._resident[(spec.key, spec.home)].to(
                     self.device, self.dtype, non_blocking=True)
         return out
 
-    def _read_from_disk(self, spec: WeightSpec, slot: int) -> torch.Tensor:
+    def to_compute(self, stage: int, fetched: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Convert what :meth:`fetch` handed over to the compute dtype, on the compute thread
+        (on CPU a conversion on the I/O thread would start a second OpenMP team competing for
+        the same cores). Converted tensors go to one staging buffer per tensor role, reused
+        from stage to stage; a buffer that already holds the tensor is not converted again."""
+        out = {}
+        for spec in self.stages[stage]:
+            tensor = fetched[spec.name]
+            if tensor.dtype != self.dtype and tensor.dtype.is_floating_point:
+                buffer = self._buffer(("compute", self._role(spec, None)), self.dtype, tensor.shape)
+                if self._holds.get(id(buffer)) != spec.key:
+                    buffer.copy_(tensor)
+                    self._holds[id(buffer)] = spec.key
+                tensor = buffer
+            out[spec.name] = tensor
+        return out
+
+    def _role(self, spec: WeightSpec, slot: int | None) -> tuple:
+        """Staging-buffer identity: tensors shared by several stages (tied embedding and
+        LM head) get their own buffer; others share one per layer-local name (and slot)."""
+        if self._shared[spec.key]:
+            return (spec.key,)
+        return (slot, re.sub(r"\.\d+\.", ".#.", spec.name))
+
+    def _read_from_disk(self, spec: WeightSpec, stage: int) -> torch.Tensor:
         if self.device.type != "cpu":  # the CUDA caching allocator recycles these safely
             return self.index.read(spec.key).to(self.device, self.dtype, non_blocking=True)
         # On CPU, reuse buffers (fresh 100 MB allocations cost more in page faults than the
         # copy itself). Two slots by stage parity: stage j+1 loads while stage j computes.
         loc = self.index.locations[spec.key]
-        role = (slot, re.sub(r"\.\d+\.", ".#.", spec.name), loc.shape)
-        raw = self._buffer(("raw", *role), loc.dtype)
-        self.index.read(spec.key, out=raw)
-        if loc.dtype == self.dtype:
-            return raw
-        return self._buffer(("compute", *role), self.dtype).copy_(raw)
+        raw = self._buffer(("raw", self._role(spec, stage % 2)), loc.dtype, loc.shape)
+        if self._holds.get(id(raw)) != spec.key:
+            self.index.read(spec.key, out=raw)
+            self._holds[id(raw)] = spec.key
+        return raw
 
-    def _buffer(self, key: tuple, dtype: torch.dtype) -> torch.Tensor:
+    def _buffer(self, key: tuple, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        key = (*key, dtype, tuple(shape))
         if key not in self._buffers:
-            self._buffers[key] = torch.empty(key[-1], dtype=dtype)
+            self._buffers[key] = torch.empty(shape, dtype=dtype)
         return self._buffers[key]
+
+    def staging_bytes(self) -> int:
+        """Bytes of the CPU staging buffers allocated so far."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
