@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..policy import CPU, DEVICE, DISK, HOMES, Policy, assign_homes, spread_units
 from .hardware import HardwareProfile
@@ -89,6 +90,23 @@ class ModelLayout:
     def num_layers(self) -> int:
         return len(self.stages) - 2
 
+    @cached_property
+    def _stages_using(self) -> dict[str, list[int]]:
+        uses: dict[str, list[int]] = {}
+        for j, stage in enumerate(self.stages):
+            for t in stage:
+                if j not in uses.setdefault(t.key, []):
+                    uses[t.key].append(j)
+        return uses
+
+    def first_stage(self, key: str) -> int:
+        """The first stage using checkpoint tensor ``key``."""
+        return self._stages_using[key][0]
+
+    def shared(self, key: str) -> bool:
+        """Used by more than one stage (a tied embedding / LM head)."""
+        return len(self._stages_using[key]) > 1
+
     @classmethod
     def from_checkpoint(cls, config, stage_params: list[dict[str, str]], locations) -> "ModelLayout":
         """``stage_params``: per stage, HF parameter name -> checkpoint key; ``locations``:
@@ -159,19 +177,25 @@ class Formulas:
                 moved, stored = moved + t.numel * self.cb, stored + t.numel * t.storage_itemsize
         return moved, stored
 
-    def weight_fetch(self, tensors, share: dict) -> tuple:
+    def weight_fetch(self, stage: int, share: dict) -> tuple:
         """(I/O seconds, CPU-work seconds) to bring a stage's weights to the device, with
-        ``share[home]`` the fraction of its bytes homed there."""
+        ``share[home]`` the fraction of its bytes homed there. On a CPU device a tensor used
+        by several stages (a tied embedding / LM head) keeps its staging buffer, so only its
+        first stage of a step reads and converts it."""
         hw, compressed = self.hw, self.policy.compress_weight
+        tensors = [t for t in self.layout.stages[stage]
+                   if not self.cpu_only or self.layout.first_stage(t.key) == stage]
         moved, stored = self.weight_bytes(tensors, compressed)
         numel = sum(t.numel for t in tensors)
         io = share[DISK] * stored / hw.disk_read_bw
         if not self.cpu_only:
             io += (share[CPU] + share[DISK]) * moved / hw.cpu_to_device_bw
         cast_per_fetch = numel * self.cb / hw.cast_bw
-        # streamed fp16 weights are cast to the compute dtype on fetch; compressed ones are
-        # dequantized on the device from every home
-        cast = cast_per_fetch if compressed else share[DISK] * cast_per_fetch * self._needs_cast(tensors)
+        # half weights streamed from disk (and, on a CPU device, those held in the cpu home in
+        # the checkpoint's dtype) are cast to the compute dtype at each use; compressed ones
+        # are dequantized at each use from every home
+        cast_share = share[DISK] + (share[CPU] if self.cpu_only else 0)
+        cast = cast_per_fetch if compressed else cast_share * cast_per_fetch * self._needs_cast(tensors)
         return io, cast
 
     def _needs_cast(self, tensors) -> float:
@@ -242,7 +266,7 @@ class Formulas:
         p = self.policy
         b, k = p.gpu_batch_size, p.num_gpu_batches
         fetch_io, cast = self._cached(("fetch", stage, tuple(w_share.items())),
-                                      lambda: self.weight_fetch(self.layout.stages[stage], w_share))
+                                      lambda: self.weight_fetch(stage, w_share))
         compute = self._cached(("compute", stage, tokens, tuple(act.items())),
                                lambda: k * self.stage_compute(stage, b, tokens)
                                + k * self.activation_io(b, tokens, act))
@@ -360,16 +384,24 @@ def memory_terms(policy: Policy, layout: ModelLayout, workload: Workload, hw: Ha
     for j, tensors in enumerate(lay.stages):
         homes = assign_homes([t.numel for t in tensors], p.shares("w"))
         for t, home in zip(tensors, homes):
+            quantized = p.compress_weight and t.is_matrix
             if home == DISK:
-                stored = f.weight_bytes([t], p.compress_weight)[1]
-                largest_disk = max(largest_disk, stored)
-                if hw.is_cpu_only:  # the CPU engine reuses buffers per (stage parity, role)
-                    cast = t.numel * cb if (t.storage_itemsize != cb and not
-                                            (p.compress_weight and t.is_matrix)) else 0
-                    staging[(j % 2, t.role, t.shape)] = stored + cast
-            elif (t.key, home) not in seen:
-                seen.add((t.key, home))
-                resident[home] += int(f.weight_bytes([t], p.compress_weight)[0])
+                largest_disk = max(largest_disk, f.weight_bytes([t], p.compress_weight)[1])
+            if hw.is_cpu_only and not quantized:
+                # the CPU engine's staging buffers: raw reads per (stage parity, layer-local
+                # role), compute-dtype copies per role; a shared tensor has one of each
+                role = (t.key,) if lay.shared(t.key) else (t.role,)
+                if home == DISK:
+                    slot = () if lay.shared(t.key) else (j % 2,)
+                    staging[("raw", *slot, *role)] = t.numel * t.storage_itemsize
+                if home != DEVICE and t.storage_itemsize != cb:
+                    staging[("compute", *role)] = t.numel * cb
+            if home == DISK or (t.key, home) in seen:
+                continue
+            seen.add((t.key, home))
+            keeps_stored = hw.is_cpu_only and home == CPU and not quantized
+            resident[home] += (t.numel * t.storage_itemsize if keeps_stored
+                               else int(f.weight_bytes([t], p.compress_weight)[0]))
     stage_bytes = [int(f.weight_bytes(st, False)[0]) for st in lay.stages]
     stream_ram = sum(staging.values()) + largest_disk  # + the page cache of the read in flight
     if not hw.is_cpu_only:

@@ -55,6 +55,8 @@ def plan(layout: ModelLayout, workload: Workload, hw: HardwareProfile, limits: d
             continue
         fitted = fit(to_policy(shaped, fractions), limits, *args, measured=measured)
         if fitted is not None:
+            fitted = climb(fitted, limits, *args, measured=measured)
+        if fitted is not None:
             found.setdefault(_placement(fitted.policy), fitted)
     if not found:
         raise PlacementError(
@@ -107,8 +109,8 @@ def solve_lp(policy: Policy, limits, layout: ModelLayout, workload: Workload,
     for kind, homes in frac.items():
         prob += pulp.lpSum(homes.values()) == 1
     frac["a"][DISK].upBound = 0
-    if hw.is_cpu_only:  # the device is host RAM: its home and the cpu home are the same memory
-        for kind in frac:
+    if hw.is_cpu_only:  # the device is host RAM: cache and activations gain nothing in the
+        for kind in ("c", "a"):  # cpu home; weights there stay in the checkpoint's dtype
             frac[kind][CPU].upBound = 0
     epigraphs = []
 
@@ -166,6 +168,7 @@ def add_memory_constraints(prob, frac, policy, limits, layout, workload, hw, cb,
         load[charged] += terms(c=home).kv_cache[home] * frac["c"][home]
         load[charged] += terms(a=home).activations[home] * frac["a"][home]
     load[CPU] += int(WORKING_MARGIN * on_disk.weight_stream_ram) * frac["w"][DISK]
+    load[CPU] += int(WORKING_MARGIN * terms(w=CPU).weight_stream_ram) * frac["w"][CPU]
     load[DISK] += on_disk.kv_cache[DISK] * frac["c"][DISK]
     for home in HOMES:
         if home == DEVICE and hw.is_cpu_only:
@@ -203,6 +206,39 @@ def fit(policy: Policy, limits, layout, workload, hw, cb, baseline, step: int = 
     return None
 
 
+def climb(est: Estimate, limits, layout, workload, hw, cb, baseline, measured=None,
+          step: int = 5, rounds: int = 40) -> Estimate:
+    """Local search from the LP's answer: the LP's memory is linearized conservatively, so
+    moving a step of weights or cache up the hierarchy (disk -> cpu -> device) may still fit
+    and run faster; keep the best such move until none helps."""
+    for _ in range(rounds):
+        better = None
+        moves = (m for size in (step, 2 * step, 5 * step, 100) for m in _step_up_moves(est.policy, hw, size))
+        for policy in moves:  # larger steps cross plateaus (a home holds whole tensors / units)
+            cand = estimate(policy, layout, workload, hw, cb, baseline, measured)
+            if cand.fits(limits) and cand.throughput > (better or est).throughput * 1.001:
+                better = cand
+        if better is None:
+            return est
+        est = better
+    return est
+
+
+def _step_up_moves(p: Policy, hw: HardwareProfile, step: int):
+    for name in ("w", "cache"):
+        gpu, cpu = getattr(p, f"{name}_gpu_percent"), getattr(p, f"{name}_cpu_percent")
+        disk = 100 - gpu - cpu
+        uses_cpu = not hw.is_cpu_only or name == "w"
+        if disk > 0:
+            moved = min(step, disk)
+            yield replace(p, **{f"{name}_gpu_percent": gpu + moved})
+            if uses_cpu:
+                yield replace(p, **{f"{name}_cpu_percent": cpu + moved})
+        if cpu > 0:
+            yield replace(p, **{f"{name}_gpu_percent": gpu + min(step, cpu),
+                                f"{name}_cpu_percent": cpu - min(step, cpu)})
+
+
 def _step_down(p: Policy, est: Estimate, limits, hw, step) -> Policy | None:
     over_device = est.peak_bytes[DEVICE] > limits[DEVICE]
     over_ram = est.peak_bytes[CPU] > limits[CPU]
@@ -212,10 +248,12 @@ def _step_down(p: Policy, est: Estimate, limits, hw, step) -> Policy | None:
             moved = min(step, gpu)
             to_cpu = moved if not hw.is_cpu_only else 0
             return replace(p, **{f"{name}_gpu_percent": gpu - moved, f"{name}_cpu_percent": cpu + to_cpu})
-        if over_ram and not hw.is_cpu_only and cpu > 0:
+        if over_ram and hw.is_cpu_only and gpu > 0:  # weights: device (fp32) -> cpu (stored dtype)
+            moved = min(step, gpu)
+            to_cpu = moved if name == "w" else 0
+            return replace(p, **{f"{name}_gpu_percent": gpu - moved, f"{name}_cpu_percent": cpu + to_cpu})
+        if over_ram and cpu > 0:
             return replace(p, **{f"{name}_cpu_percent": max(0, cpu - step)})
-        if over_ram and hw.is_cpu_only and gpu > 0:
-            return replace(p, **{f"{name}_gpu_percent": max(0, gpu - step)})
     return None
 
 
