@@ -39,18 +39,22 @@ class Scenario:
     gen_len: int
     num_prompts: int
     grid_batches: tuple[int, ...]   # gpu_batch_size values of the brute-force grid
+    # SmolLM2's checkpoint is fp32: its cpu home equals the device home, so not gridded twice
+    grid_weights: tuple = ((100, 0), (0, 100), (0, 0))
 
 
 SCENARIOS = (
-    Scenario("smollm2-1.0G", "smollm2", "1.0GiB", 64, 16, 128, (8, 32, 128)),
-    Scenario("smollm2-2.0G", "smollm2", "2.0GiB", 64, 16, 128, (8, 32, 128)),
-    Scenario("smollm2-long-1.2G", "smollm2", "1.2GiB", 384, 16, 64, (4, 16, 64)),
-    Scenario("opt-125m-1.0G", "opt-125m", "1.0GiB", 128, 16, 128, (8, 32, 128)),
-    Scenario("opt-350m-1.0G", "opt-350m", "1.0GiB", 64, 8, 64, (8, 64)),
+    Scenario("smollm2-1.0G", "smollm2", "1.0GiB", 32, 8, 64, (8, 64), ((100, 0), (0, 0))),
+    Scenario("smollm2-1.5G", "smollm2", "1.5GiB", 32, 8, 64, (8, 64), ((100, 0), (0, 0))),
+    Scenario("smollm2-long-1.2G", "smollm2", "1.2GiB", 256, 8, 32, (4, 32), ((100, 0), (0, 0))),
+    Scenario("opt-125m-1.2G", "opt-125m", "1.2GiB", 64, 8, 64, (8, 64)),
+    Scenario("opt-350m-1.5G", "opt-350m", "1.5GiB", 32, 8, 64, (8, 64)),
     Scenario("opt-1.3b-3.0G", "opt-1.3b", "3.0GiB", 32, 8, 64, (16, 64)),
 )
-# hand-set placements of the grid: weights % in RAM, KV cache % in RAM (the rest on disk)
-GRID_WEIGHTS, GRID_CACHE, GRID_MICRO_BATCHES = (100, 50, 0), (100, 0), (1, 2)
+# the brute-force grid: weights (grid_weights) all on the device (compute dtype), all in the
+# cpu home (the checkpoint's dtype, cast per use on a CPU device) or all on disk; KV cache in
+# RAM or on disk
+GRID_CACHE, GRID_MICRO_BATCHES = (100, 0), (1,)
 
 
 # -- child: one run in the cgroup --------------------------------------------------------
@@ -61,7 +65,8 @@ def child(spec: dict, result_path: str) -> int:
     from hf_flexgen import FlexGenForCausalLM, Policy
     from hf_flexgen.memory.checkpoint import CheckpointIndex
     from hf_flexgen.memory.resolve import safetensors_files
-    from hf_flexgen.modeling import model_layout
+    from hf_flexgen.calibration import layer_costs
+    from hf_flexgen.modeling import build_skeleton, model_layout
     from hf_flexgen.placement import Workload, estimate, load_or_measure
     from hf_flexgen.placement.limits import process_rss
 
@@ -80,7 +85,9 @@ def child(spec: dict, result_path: str) -> int:
         config = AutoConfig.from_pretrained(spec["checkpoint"])
         layout = model_layout(config, index, torch.device("cpu"))
         hw = load_or_measure(torch.device("cpu"), torch.float32)
-        predicted = estimate(policy, layout, w, hw, 4, baseline)
+        measured = layer_costs(config, build_skeleton(config, torch.device("cpu")),
+                               torch.device("cpu"), torch.float32)
+        predicted = estimate(policy, layout, w, hw, 4, baseline, measured)
         index.close()
         model = FlexGenForCausalLM.from_pretrained(spec["checkpoint"], policy=policy,
                                                    offload_dir=spec["offload_dir"])
@@ -144,10 +151,11 @@ def run_one(scenario: Scenario, checkpoint: Path, policy, tag: str, tmp: Path, t
 
 
 def grid(scenario: Scenario):
-    for b, k, w, c in itertools.product(scenario.grid_batches, GRID_MICRO_BATCHES, GRID_WEIGHTS, GRID_CACHE):
+    for b, k, (wg, wc), c in itertools.product(scenario.grid_batches, GRID_MICRO_BATCHES,
+                                               scenario.grid_weights, GRID_CACHE):
         if b * k > scenario.num_prompts:
             continue
-        yield {"gpu_batch_size": b, "num_gpu_batches": k, "w_gpu_percent": w, "w_cpu_percent": 0,
+        yield {"gpu_batch_size": b, "num_gpu_batches": k, "w_gpu_percent": wg, "w_cpu_percent": wc,
                "cache_gpu_percent": c, "cache_cpu_percent": 0, "overlap": True}
 
 
@@ -184,6 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scenarios", nargs="*", help="names to run (default: all)")
     parser.add_argument("--no-grid", action="store_true", help="only the auto policy")
     parser.add_argument("--ckpt-root", type=Path, default=Path("/tmp/ckpt"))
+    parser.add_argument("--refresh-profile", action="store_true",
+                        help="measure the machine and the layers again before the first run")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/auto_policy.json"))
     args = parser.parse_args(argv)
@@ -196,6 +206,9 @@ def main(argv=None) -> int:
     tmp = args.out.parent / "tmp" / "auto_policy"
     tmp.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
+    if args.refresh_profile:
+        from hf_flexgen.memory.resolve import cache_root
+        shutil.rmtree(cache_root() / "hardware", ignore_errors=True)
     chosen = [s for s in SCENARIOS if not args.scenarios or s.name in args.scenarios]
     for scenario in chosen:
         rows = [r for r in rows if r["scenario"] != scenario.name]
