@@ -17,7 +17,7 @@ from .engine import BlockEngine, EngineStats
 from .families import adapter_for
 from .generation import TokenChooser, max_new_tokens, pad_id, resolve_generation_config
 from .memory.checkpoint import CheckpointIndex
-from .memory.compressed import CompressedWeights
+from .memory.compressed import CompressedWeights, linear_weight_keys
 from .memory.resolve import cache_root, resolve_checkpoint_dir, safetensors_files
 from .memory.weights import WeightStore
 from .ops.attention import register_attention
@@ -141,7 +141,7 @@ class FlexGenForCausalLM:
         stage_keys = stage_checkpoint_keys(self.model, self.adapter, index)
         compressed = None
         if policy.compress_weight:
-            keys = [k for stage in stage_keys for k in stage.values()]
+            keys = linear_weight_keys(self.model, stage_keys)  # linear layers only
             compressed = CompressedWeights(index, keys, policy.comp_weight_config,
                                            cache_root() / "compressed")
         self.store = WeightStore(index, stage_keys, policy.shares("w"), device, dtype,

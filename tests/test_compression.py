@@ -30,12 +30,18 @@ def fake_quant(t: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
     return dequantize(quantize(t, config), t.dtype)
 
 
+def quantized_linear_weights(model) -> list[torch.nn.Parameter]:
+    """What compress_weight quantizes: nn.Linear weights not shared with an embedding."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return [m.weight for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and id(m.weight) not in embeddings]
+
+
 def fake_quantized_weights(model, config):
     model = copy.deepcopy(model)
     with torch.no_grad():
-        for param in model.parameters():  # tied parameters are listed once
-            if param.dim() >= 2:
-                param.copy_(fake_quant(param, config))
+        for weight in quantized_linear_weights(model):
+            weight.copy_(fake_quant(weight, config))
     return model
 
 
@@ -109,6 +115,33 @@ def test_weights_and_cache_compressed_together(tiny_checkpoint, tmp_path):
     model.close()
 
 
+@pytest.mark.parametrize("family", ["opt-post-ln-project", "llama-gqa", "llama-tied"])
+def test_only_linear_layer_weights_are_compressed(tiny_checkpoint, family):
+    reference, directory = tiny_checkpoint(family)
+    names = {id(p): n for n, p in reference.named_parameters()}  # tied: the first name
+    expected = {names[id(w)] for w in quantized_linear_weights(reference)}
+    model = FlexGenForCausalLM.from_pretrained(directory, policy=Policy(compress_weight=True))
+    compressed = {s.name for s in model.store.all_specs() if s.key in model.store.compressed}
+    model.close()
+    assert compressed == expected
+    assert not any("embed" in name for name in compressed)
+    assert ("lm_head.weight" in compressed) == (family == "llama-gqa")  # untied only
+
+
+def test_smollm2_linear_weights_survive_its_source_grid(smollm2_dir):
+    """SmolLM2's layers come from Q4_1 (4 bits, blocks of 32 along the input dimension, fp16
+    scale and minimum): quantizing them again on that grid must give them back exactly."""
+    from safetensors import safe_open
+    config = CompressionConfig(num_bits=4, group_size=32, group_dim=1)
+    with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
+        keys = [k for k in f.keys() if k.startswith(("model.layers.0.", "model.layers.29."))
+                and k.endswith("proj.weight")]
+        assert len(keys) == 14
+        for key in keys:
+            weight = f.get_tensor(key)
+            assert torch.equal(fake_quant(weight, config), weight), key
+
+
 def test_compressed_checkpoint_is_reused_and_invalidated(tiny_checkpoint, tmp_path):
     _, original = tiny_checkpoint("opt-pre-ln")
     directory = tmp_path / "ckpt"
@@ -140,9 +173,10 @@ def test_compressed_bytes_against_fp16(tiny_checkpoint, tmp_path):
     policy = Policy(w_gpu_percent=0, w_cpu_percent=100, compress_weight=True,
                     comp_weight_config=CompressionConfig(4, 64, 1))
     model = FlexGenForCausalLM.from_pretrained(directory, policy=policy)
-    matrices = sum(s.numel for s in model.store.all_specs() if len(s.shape) >= 2)
-    vectors = sum(s.numel for s in model.store.all_specs() if len(s.shape) < 2)
-    stored = model.store.bytes_by_home()["cpu"] - vectors * model.dtype.itemsize
+    specs = {s.key: s for s in model.store.all_specs()}.values()  # tied tensors once
+    matrices = sum(s.numel for s in specs if s.key in model.store.compressed)
+    others = sum(s.numel for s in specs if s.key not in model.store.compressed)
+    stored = model.store.bytes_by_home()["cpu"] - others * model.dtype.itemsize
     assert stored <= 0.30 * matrices * 2
     model.close()
 

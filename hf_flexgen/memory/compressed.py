@@ -1,16 +1,19 @@
-"""Compressed copy of a checkpoint: every weight with two or more dimensions quantized once
+"""Compressed copy of a checkpoint: the linear layers' weight matrices quantized once
 (group-wise, ``CompressionConfig``) and written as safetensors to a cache directory keyed by
-the source files and the config, so later runs reuse it; 1-D tensors stay in the source."""
+the source files and the config, so later runs reuse it. Everything else (token and position
+embeddings, a tied embedding/lm_head tensor, biases, norms) stays in the source, as stored."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import shutil
+from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
 from safetensors.torch import save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..ops.quantize import QuantizedTensor, quantize
@@ -22,6 +25,20 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 PARTS = ("qdata", "qscale", "qmin")
 SHARD_BYTES = 1 << 30
+
+
+def linear_weight_keys(model: nn.Module, stage_keys: list[dict[str, str]]) -> list[str]:
+    """Checkpoint keys whose every use is the ``weight`` of an ``nn.Linear`` in ``model``
+    (stage_keys: per stage, HF parameter name -> checkpoint key). A tensor shared with an
+    embedding (tied lm_head) is left out: embedding rows are looked up one token at a time
+    and are often stored more precisely than the layers (8-bit in SmolLM2's Q4_1 GGUF)."""
+    linear = {f"{path}.weight" for path, module in model.named_modules(remove_duplicate=False)
+              if isinstance(module, nn.Linear)}
+    users = defaultdict(set)
+    for stage in stage_keys:
+        for name, key in stage.items():
+            users[key].add(name)
+    return sorted(key for key, names in users.items() if names <= linear)
 
 
 def compressible(index: CheckpointIndex, key: str) -> bool:

@@ -31,7 +31,7 @@ class WeightSpec:
 
 class WeightStore:
     """Holds resident weights (device / cpu homes) and reads disk-homed ones per use.
-    With ``compressed``, weights of two or more dimensions are kept, moved and read in their
+    With ``compressed``, the linear layers' weights it holds are kept, moved and read in their
     quantized form and dequantized on the compute device right before use."""
 
     def __init__(self, index: CheckpointIndex, stage_keys: list[dict[str, str]],

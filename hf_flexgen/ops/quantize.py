@@ -87,9 +87,14 @@ def quantize(x: torch.Tensor, config: CompressionConfig) -> QuantizedTensor:
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of :func:`quantize`: a ``q.shape`` tensor of ``dtype`` on ``q.data``'s device."""
     dim = _group_dim(len(q.shape), q.config)
-    codes = q.data
-    if q.config.num_bits == 4:
-        codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).flatten(-2)  # (..., n_groups, g)
-    v = codes.float() * q.scale.float()[..., None] + q.minimum.float()[..., None]
+    codes = q.data                                                  # (..., n_groups, g or g // 2)
+    if q.config.num_bits == 4:  # unpack straight into the fp32 result (no stacked temporaries)
+        v = torch.empty(*codes.shape[:-1], 2 * codes.shape[-1], dtype=torch.float32,
+                        device=codes.device)                        # (..., n_groups, g)
+        v[..., 0::2] = codes & 0x0F
+        v[..., 1::2] = codes >> 4
+    else:
+        v = codes.float()
+    v.mul_(q.scale.float()[..., None]).add_(q.minimum.float()[..., None])
     v = v.flatten(-2)[..., : q.shape[dim]]                          # (..., n)
     return v.movedim(-1, dim).to(dtype).contiguous()
