@@ -85,7 +85,7 @@ def model_layout(config, index: CheckpointIndex, device: torch.device) -> ModelL
     """The stage tensors and attention shape the cost model needs (no weight is read)."""
     model = build_skeleton(config, device)
     keys = stage_checkpoint_keys(model, adapter_for(model), index)
-    return ModelLayout.from_checkpoint(config, keys, index.locations)
+    return ModelLayout.from_checkpoint(config, keys, index.locations, linear_weight_keys(model, keys))
 
 
 def config_layout(config, storage_dtype: torch.dtype = torch.float16) -> ModelLayout:
@@ -97,7 +97,7 @@ def config_layout(config, storage_dtype: torch.dtype = torch.float16) -> ModelLa
     stages = [{n: tied.get(n, n) for n in names} for names in adapter.stage_parameters()]
     shapes = {key: _Shape(tuple(model.get_parameter(key).shape), storage_dtype)
               for stage in stages for key in stage.values()}
-    return ModelLayout.from_checkpoint(config, stages, shapes)
+    return ModelLayout.from_checkpoint(config, stages, shapes, linear_weight_keys(model, stages))
 
 
 @dataclass(frozen=True)

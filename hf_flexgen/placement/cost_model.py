@@ -64,6 +64,7 @@ class TensorInfo:
     role: str            # parameter name with the layer index replaced by '#'
     shape: tuple[int, ...]
     storage_itemsize: int
+    linear: bool = True  # an nn.Linear weight: what compress_weight quantizes (if 2-D)
 
     @property
     def numel(self) -> int:
@@ -72,6 +73,10 @@ class TensorInfo:
     @property
     def is_matrix(self) -> bool:
         return len(self.shape) >= 2
+
+    @property
+    def quantizable(self) -> bool:
+        return self.linear and self.is_matrix
 
 
 @dataclass(frozen=True)
@@ -108,11 +113,15 @@ class ModelLayout:
         return len(self._stages_using[key]) > 1
 
     @classmethod
-    def from_checkpoint(cls, config, stage_params: list[dict[str, str]], locations) -> "ModelLayout":
+    def from_checkpoint(cls, config, stage_params: list[dict[str, str]], locations,
+                        linear_keys=None) -> "ModelLayout":
         """``stage_params``: per stage, HF parameter name -> checkpoint key; ``locations``:
-        key -> object with ``shape`` and ``dtype`` (a safetensors header entry)."""
+        key -> object with ``shape`` and ``dtype`` (a safetensors header entry);
+        ``linear_keys``: the keys compress_weight quantizes (default: every 2-D tensor)."""
+        linear = None if linear_keys is None else set(linear_keys)
         stages = tuple(tuple(TensorInfo(key, re.sub(r"\.\d+\.", ".#.", name),
-                                        tuple(locations[key].shape), locations[key].dtype.itemsize)
+                                        tuple(locations[key].shape), locations[key].dtype.itemsize,
+                                        linear is None or key in linear)
                              for name, key in params.items()) for params in stage_params)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -168,7 +177,7 @@ class Formulas:
         """(bytes moved per fetch from a cpu/disk home, bytes read from disk), whole stage."""
         moved = stored = 0.0
         for t in tensors:
-            if compressed and t.is_matrix:
+            if compressed and t.quantizable:
                 config = self.policy.comp_weight_config
                 along = t.shape[config.group_dim]
                 size = compressed_bytes(along, t.numel // along, config)
@@ -186,16 +195,17 @@ class Formulas:
         tensors = [t for t in self.layout.stages[stage]
                    if not self.cpu_only or self.layout.first_stage(t.key) == stage]
         moved, stored = self.weight_bytes(tensors, compressed)
-        numel = sum(t.numel for t in tensors)
         io = share[DISK] * stored / hw.disk_read_bw
         if not self.cpu_only:
             io += (share[CPU] + share[DISK]) * moved / hw.cpu_to_device_bw
-        cast_per_fetch = numel * self.cb / hw.cast_bw
         # half weights streamed from disk (and, on a CPU device, those held in the cpu home in
         # the checkpoint's dtype) are cast to the compute dtype at each use; compressed ones
         # are dequantized at each use from every home
+        quantized = [t for t in tensors if compressed and t.quantizable]
+        plain = [t for t in tensors if not (compressed and t.quantizable)]
         cast_share = share[DISK] + (share[CPU] if self.cpu_only else 0)
-        cast = cast_per_fetch if compressed else cast_share * cast_per_fetch * self._needs_cast(tensors)
+        cast = sum(t.numel for t in quantized) * self.cb / hw.cast_bw
+        cast += cast_share * sum(t.numel for t in plain) * self.cb / hw.cast_bw * self._needs_cast(plain)
         return io, cast
 
     def _needs_cast(self, tensors) -> float:
@@ -384,7 +394,7 @@ def memory_terms(policy: Policy, layout: ModelLayout, workload: Workload, hw: Ha
     for j, tensors in enumerate(lay.stages):
         homes = assign_homes([t.numel for t in tensors], p.shares("w"))
         for t, home in zip(tensors, homes):
-            quantized = p.compress_weight and t.is_matrix
+            quantized = p.compress_weight and t.quantizable
             if home == DISK:
                 largest_disk = max(largest_disk, f.weight_bytes([t], p.compress_weight)[1])
             if hw.is_cpu_only and not quantized:
