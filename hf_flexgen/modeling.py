@@ -192,6 +192,17 @@ class FlexGenForCausalLM:
         self.last_stats = self.engine.stats.as_dict()
         return out
 
+    def score_continuations(self, pairs, max_length: int | None = None, **kwargs):
+        """Prefill-only scoring of (context ids, continuation ids) pairs: one forward pass
+        per block, no KV cache kept; see :func:`hf_flexgen.scoring.score_continuations`."""
+        from .scoring import score_continuations
+        return score_continuations(self, pairs, max_length, **kwargs)
+
+    def score_rolling(self, texts, prefix_token: int, max_length: int | None = None, **kwargs):
+        """Every token of each text scored; see :func:`hf_flexgen.scoring.score_rolling`."""
+        from .scoring import score_rolling
+        return score_rolling(self, texts, prefix_token, max_length, **kwargs)
+
     def close(self) -> None:
         self.engine.close()
         self.store.index.close()
