@@ -26,9 +26,7 @@ blocks hold ``gpu_batch_size x num_gpu_batches`` requests.
 from __future__ import annotations
 
 import logging
-import re
 
-import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
@@ -39,40 +37,14 @@ from lm_eval.models.utils import (
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from hf_flexgen import FlexGenForCausalLM, Policy
+from hf_flexgen import FlexGenForCausalLM
 from hf_flexgen.pipeline import load_checkpoint_config, plan_blocks, run_blocks
 from hf_flexgen.scoring import score_continuations, score_rolling
+from hf_flexgen_args import build_policy, parse_dtype
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "hf_flexgen"
-POLICY_FLAGS = ("gpu_batch_size", "num_gpu_batches", "overlap", "compress_weight", "compress_cache",
-                "cpu_cache_compute", "attn_sparsity", "pin_weight")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def build_policy(policy: str | Policy | None = None, percent: str | None = None, **flags):
-    """A ``Policy`` from lm-eval model args, or the policy string (``"auto"``) to hand to
-    ``from_pretrained`` unchanged."""
-    unknown = set(flags) - set(POLICY_FLAGS)
-    if unknown:
-        raise ValueError(f"unknown policy arguments: {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(POLICY_FLAGS)}")
-    flags = {k: v for k, v in flags.items() if v is not None}
-    if isinstance(policy, Policy):
-        if percent is not None or flags:
-            raise ValueError("a Policy object was given: leave percent and the policy flags unset")
-        return policy
-    if policy is not None:
-        if percent is not None or flags:
-            raise ValueError(f"policy={policy} lets hf_flexgen choose the placement and batch "
-                             "sizes: drop percent=... and the policy flags, or drop policy=")
-        return str(policy)
-    if percent is None:
-        return Policy(**flags)
-    values = [v for v in re.split(r"[\s:/]+", str(percent).strip()) if v]
-    return Policy.from_percent(values, **flags)
 
 
 @register_model(MODEL_NAME)
@@ -87,17 +59,13 @@ class FlexGenLM(TemplateLM):
         if batch_size not in (None, 1, "1") or max_batch_size is not None:
             logger.info("batch_size=%s ignored: hf_flexgen runs blocks of the policy's "
                         "gpu_batch_size x num_gpu_batches", batch_size)
-        if isinstance(dtype, str) and dtype != "auto":
-            if dtype not in DTYPES:
-                raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-            dtype = DTYPES[dtype]
         if isinstance(pretrained, FlexGenForCausalLM):
             self.model = pretrained
         else:
             directory, _ = load_checkpoint_config(pretrained, revision)
             self.model = FlexGenForCausalLM.from_pretrained(
                 directory, policy=build_policy(policy, percent, **policy_flags), device=device,
-                dtype=None if dtype == "auto" else dtype, offload_dir=offload_dir)
+                dtype=parse_dtype(dtype), offload_dir=offload_dir)
         self.tokenizer = (tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else
                           AutoTokenizer.from_pretrained(tokenizer or self.model.checkpoint_dir))
         self._max_length = int(max_length) if max_length else None
