@@ -106,7 +106,7 @@ def test_client_matches_helm_huggingface_client(smollm2_dir, tmp_path):
     tokenizer = HuggingFaceTokenizer(cache, "hf_flexgen/smollm2", pretrained_model_name_or_path=str(smollm2_dir))
     eos = "<|im_end|>"
     ours = FlexGenClient(cache, tokenizer, str(smollm2_dir), end_of_text_token=eos, apply_chat_template=False,
-                         batch_wait_s=1.0, percent="50 50 0 100 100 0", gpu_batch_size=2,
+                         batch_wait_s=1.0, percent="50 50 100 0 50 50", gpu_batch_size=2,
                          num_gpu_batches=2, offload_dir=str(tmp_path))
     theirs = HuggingFaceClient(cache, tokenizer, pretrained_model_name_or_path=str(smollm2_dir),
                                end_of_text_token=eos, apply_chat_template=False, device="cpu")
@@ -159,7 +159,7 @@ def test_helm_run_end_to_end(smollm2_dir, tmp_path):
     from helm_hf_flexgen.prod_env import write_prod_env
 
     write_prod_env(tmp_path / "prod_env", smollm2_dir, "hf_flexgen/smollm2",
-                   {"percent": "50 50 0 100 100 0", "gpu_batch_size": 4, "num_gpu_batches": 2})
+                   {"percent": "50 50 100 0 50 50", "gpu_batch_size": 4, "num_gpu_batches": 2})
     # HELM's --enable-local-huggingface-models refuses SmolLM2 (no model_max_length in its
     # tokenizer config): the same files, with HELM's own Hugging Face client
     write_prod_env(tmp_path / "prod_env_hf", smollm2_dir, "huggingface/smollm2", {"device": "cpu"},

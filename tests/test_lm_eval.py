@@ -46,7 +46,7 @@ def test_hf_flexgen_matches_lm_eval_hf(smollm2_dir, tmp_path):
                                              f"{common},dtype=float32", tmp_path / "hf")
     got, got_samples = run_lm_eval(
         [sys.executable, "patches/lm_eval_hf_flexgen.py"], "hf_flexgen",
-        f"{common},gpu_batch_size=4,num_gpu_batches=3,percent=50:50:0:100:50:50", tmp_path / "flexgen")
+        f"{common},gpu_batch_size=4,num_gpu_batches=3,percent=50:50:100:0:50:50", tmp_path / "flexgen")
     for task in TASKS.split(","):
         for metric in EXACT + APPROX:
             if metric in expected[task]:
