@@ -21,6 +21,7 @@ from .memory.resolve import cache_root, resolve_checkpoint_dir, safetensors_file
 from .memory.weights import WeightStore
 from .ops.attention import register_attention
 from .policy import Policy
+from .scoring import score_continuations, score_rolling
 
 logger = logging.getLogger(__name__)
 
@@ -195,12 +196,10 @@ class FlexGenForCausalLM:
     def score_continuations(self, pairs, max_length: int | None = None, **kwargs):
         """Prefill-only scoring of (context ids, continuation ids) pairs: one forward pass
         per block, no KV cache kept; see :func:`hf_flexgen.scoring.score_continuations`."""
-        from .scoring import score_continuations
         return score_continuations(self, pairs, max_length, **kwargs)
 
     def score_rolling(self, texts, prefix_token: int, max_length: int | None = None, **kwargs):
         """Every token of each text scored; see :func:`hf_flexgen.scoring.score_rolling`."""
-        from .scoring import score_rolling
         return score_rolling(self, texts, prefix_token, max_length, **kwargs)
 
     def close(self) -> None:
