@@ -47,16 +47,20 @@ def main() -> None:
     parser.add_argument("--scenario", default="simple_classification")
     parser.add_argument("--client-args", default='{"percent": "50 50 100 0 50 50", "gpu_batch_size": 4, "num_gpu_batches": 2}')
     parser.add_argument("--max-eval-instances", default="20")
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="plain prompts for both clients (apply_chat_template: false)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/helm_compare.json"))
     args = parser.parse_args()
     if args.model is None:
         from hf_flexgen.default_model import default_model_dir
         args.model = str(default_model_dir())
     extra = ["--max-eval-instances", args.max_eval_instances, "--num-threads", "8"]
+    template = {"apply_chat_template": False} if args.no_chat_template else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        write_prod_env(work / "prod_env", args.model, "hf_flexgen/model", json.loads(args.client_args))
-        write_prod_env(work / "prod_env_hf", args.model, "huggingface/model", {"device": "cpu"},
+        write_prod_env(work / "prod_env", args.model, "hf_flexgen/model",
+                       {**json.loads(args.client_args), **template})
+        write_prod_env(work / "prod_env_hf", args.model, "huggingface/model", {"device": "cpu", **template},
                        client_class="helm.clients.huggingface_client.HuggingFaceClient")
         wall = {"hf_flexgen": helm_run(work, "prod_env", "hf_flexgen/model", args.scenario, "fg", extra),
                 "hf": helm_run(work, "prod_env_hf", "huggingface/model", args.scenario, "hf", extra)}
@@ -70,6 +74,7 @@ def main() -> None:
     print(f"{len(hf_texts)} requests; completions identical: {same}; wall s: hf {wall['hf']:.0f}, "
           f"hf_flexgen {wall['hf_flexgen']:.0f}")
     report = {"model": args.model, "scenario": args.scenario, "client_args": json.loads(args.client_args),
+              "chat_template": not args.no_chat_template,
               "metrics": {n: {"hf": hf_stats[n], "hf_flexgen": fg_stats.get(n)} for n in names},
               "requests": len(hf_texts), "completions_identical": same, "wall_s": wall}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
