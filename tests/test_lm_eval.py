@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from hf_flexgen import Policy
 
 pytest.importorskip("lm_eval")
 
@@ -64,3 +67,33 @@ def test_hf_flexgen_matches_lm_eval_hf(smollm2_dir, tmp_path):
                 assert have == want, key
             else:                              # loglikelihood_rolling: a number
                 assert float(have) == pytest.approx(float(want), abs=1e-3), key
+
+
+@pytest.mark.parametrize("model_args,policy", [
+    ("policy=auto", "auto"),
+    ("percent=20:80:0:100:100:0,gpu_batch_size=2,num_gpu_batches=3,overlap=True",
+     Policy(gpu_batch_size=2, num_gpu_batches=3, overlap=True, w_gpu_percent=20, w_cpu_percent=80,
+            cache_gpu_percent=0, cache_cpu_percent=100, act_gpu_percent=100, act_cpu_percent=0)),
+    ("gpu_batch_size=16", Policy(gpu_batch_size=16)),
+])
+def test_model_args_reach_from_pretrained(smollm2_dir, monkeypatch, model_args, policy):
+    """lm-eval's own --model_args parsing, then the shim: what from_pretrained receives
+    (``policy=auto`` is handed over as the string, for hf_flexgen's planner)."""
+    sys.path.insert(0, str(REPO / "patches"))
+    import lm_eval_hf_flexgen as shim
+    from lm_eval.api.registry import get_model
+
+    seen = {}
+
+    def from_pretrained(directory, **kwargs):
+        seen.update(kwargs, directory=directory)
+        raise RuntimeError("stop after the arguments")
+
+    monkeypatch.setattr(shim.FlexGenForCausalLM, "from_pretrained", from_pretrained)
+    assert get_model("hf_flexgen") is shim.FlexGenLM
+    with pytest.raises(RuntimeError, match="stop after the arguments"):
+        shim.FlexGenLM.create_from_arg_string(f"pretrained={smollm2_dir},{model_args},dtype=bfloat16",
+                                              {"batch_size": 8, "device": "cpu"})
+    assert seen["policy"] == policy
+    assert seen["directory"] == Path(smollm2_dir) and seen["device"] == "cpu"
+    assert seen["dtype"] is torch.bfloat16
