@@ -184,3 +184,32 @@ class BlockEngine:
             attention_mask=torch.cat([s.attention_mask, s.attention_mask.new_ones(len(tokens), 1)], 1),
             position_ids=s.position_ids[:, -1:] + 1,
             cache=s.cache)
+
+    # -- scoring: one forward pass per block, no KV cache ---------------------------------
+    def run_forward(self, steps: list[StepInputs], on_head) -> None:
+        """One forward pass over every micro-batch of a block (``steps[k].cache`` is None:
+        nothing is kept), walked layer-major like a token step: each stage's weights are
+        fetched once for the whole block (the next stage's in the background with overlap),
+        activations live in their policy home between stages. The head stage is the
+        caller's: ``on_head(k, weights, hidden)`` gets micro-batch k's decoder output
+        (batch, seq, hidden) and the head stage's weights."""
+        start, bytes_before, waits_before = time.perf_counter(), self.store.bytes_read, self.weights_io.wait_s
+        act_homes = spread_units(len(steps), self.policy.shares("act"))
+        hidden: list[torch.Tensor | None] = [None] * len(steps)
+        last = self.num_stages - 1
+        pending = self.weights_io.submit(self.store.fetch, 0)
+        for j in range(self.num_stages):
+            weights = self.weights_io.wait(pending)
+            if j < last:
+                pending = self.weights_io.submit(self.store.fetch, j + 1)
+            for k, step in enumerate(steps):
+                if j == last:
+                    on_head(k, weights, hidden[k].to(self.device))
+                    hidden[k] = None
+                    continue
+                out = (self.adapter.embed(weights, step) if j == 0 else
+                       self.adapter.layer(j - 1, weights, hidden[k].to(self.device), step))
+                hidden[k] = out.to("cpu") if act_homes[k] == CPU else out
+        self.stats.prefill_s += time.perf_counter() - start
+        self.stats.weight_bytes_read += self.store.bytes_read - bytes_before
+        self.stats.io_wait_s += self.weights_io.wait_s - waits_before

@@ -26,6 +26,7 @@ from .calibration import layer_costs
 from .placement.limits import process_rss
 from .placement.solver import check_minimum
 from .policy import Policy
+from .scoring import score_continuations, score_rolling
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +281,15 @@ class FlexGenForCausalLM:
                 f"new tokens, but this call needs {prompt_len} + {new_tokens}: its KV cache "
                 "might not fit. Load it with workload=Workload(prompt_len=..., gen_len=..., "
                 "num_prompts=...) covering your longest prompt.")
+
+    def score_continuations(self, pairs, max_length: int | None = None, **kwargs):
+        """Prefill-only scoring of (context ids, continuation ids) pairs: one forward pass
+        per block, no KV cache kept; see :func:`hf_flexgen.scoring.score_continuations`."""
+        return score_continuations(self, pairs, max_length, **kwargs)
+
+    def score_rolling(self, texts, prefix_token: int, max_length: int | None = None, **kwargs):
+        """Every token of each text scored; see :func:`hf_flexgen.scoring.score_rolling`."""
+        return score_rolling(self, texts, prefix_token, max_length, **kwargs)
 
     def close(self) -> None:
         self.engine.close()

@@ -21,7 +21,7 @@ class StepInputs:
     input_ids: torch.Tensor        # (batch, new_tokens)
     attention_mask: torch.Tensor   # (batch, past + new_tokens), 1 = real token
     position_ids: torch.Tensor     # (batch, new_tokens)
-    cache: Cache
+    cache: Cache | None            # None: a forward pass that keeps no KV cache (scoring)
     layer_kwargs: dict = field(default_factory=dict)  # filled by the embedding stage
 
 
@@ -94,6 +94,18 @@ class FamilyAdapter:
     def head(self, weights: dict, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states of the last position (batch, 1, hidden) -> logits (batch, vocab)."""
         raise NotImplementedError
+
+    # Scoring reads the logits of chosen positions only: the head stage split in two. Every
+    # family's head_paths() ends with the LM head; the modules before it act per position.
+    def head_hidden(self, weights: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder output (batch, seq, hidden) -> what the LM head reads (final norm etc.)."""
+        for path in self.head_paths()[:-1]:
+            hidden = run_module(self.model, path, weights, hidden)
+        return hidden
+
+    def head_logits(self, weights: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """``head_hidden`` output (..., hidden) -> logits (..., vocab)."""
+        return run_module(self.model, self.head_paths()[-1], weights, hidden)
 
 
 _REGISTRY: list[type[FamilyAdapter]] = []
