@@ -28,7 +28,8 @@ GiB, MiB = 2**30, 2**20
 # a fixed CPU-only machine (1 GB/s disk, 100 GFLOP/s) so the tests do not depend on timing
 HW = HardwareProfile(device="cpu", disk_read_bw=1e9, disk_write_bw=5e8, cpu_to_device_bw=float("inf"),
                      device_to_cpu_bw=float("inf"), device_flops=1e11, device_mem_bw=1e10,
-                     cpu_flops=1e11, cpu_mem_bw=1e10, cast_bw=4e9, torch_threads=2)
+                     cpu_flops=1e11, cpu_mem_bw=1e10, cast_bw=4e9, disk_cache_op_s=2e-3,
+                     torch_threads=2)
 GPU_HW = replace(HW, device="cuda", cpu_to_device_bw=1.2e10, device_to_cpu_bw=1.2e10,
                  device_flops=6e13, device_mem_bw=1e12)
 MEASURED = LayerCosts(prefill_token_s=2e-5, decode_fixed_s=1e-3, decode_row_s=2e-5,
@@ -78,6 +79,7 @@ def test_real_measurement_is_sane(tmp_path):
     assert hw.is_cpu_only and hw.cpu_to_device_bw == float("inf")
     for name in ("disk_read_bw", "disk_write_bw", "device_flops", "device_mem_bw", "cast_bw"):
         assert 1e6 < getattr(hw, name) < 1e15, name
+    assert 0 < hw.disk_cache_op_s < 10
 
 
 # -- the memory model against the engine ---------------------------------------------------

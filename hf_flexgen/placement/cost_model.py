@@ -253,7 +253,7 @@ class Formulas:
             math_s = math_s * max(0.0, 1 - MEASURED_CONTEXT / context)
         io = cache[DISK] * stored * read_values / hw.disk_read_bw
         new_rows = 2 * batch * lay.kv_heads * lay.head_dim * self.cb
-        io += cache[DISK] * new_rows / hw.disk_write_bw
+        io += cache[DISK] * (new_rows / hw.disk_write_bw + hw.disk_cache_op_s)
         if self.cpu_only:
             return math_s, 0.0, io
         delegate = p.cpu_cache_compute

@@ -24,7 +24,7 @@ from ..memory.resolve import cache_root
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class HardwareProfile:
     cpu_flops: float             # large fp32 matmul on the CPU (delegated attention)
     cpu_mem_bw: float            # host memory copy
     cast_bw: float               # half -> compute dtype cast, bytes of output per second
+    disk_cache_op_s: float       # one decode step of a disk-homed KV cache layer: append + read
     torch_threads: int
 
     @property
@@ -108,11 +109,13 @@ def measure(device: torch.device, dtype: torch.dtype, disk_dir: Path) -> Hardwar
         device_flops, device_mem = matmul_flops(device, dtype), copy_bw(device)
         to_dev, from_dev = transfer_bw(cpu, device), transfer_bw(device, cpu)
     read_bw, write_bw = disk_bw(Path(disk_dir))
+    cache_op = disk_cache_op(Path(disk_dir))
     return HardwareProfile(
         device=str(device.type), disk_read_bw=read_bw, disk_write_bw=write_bw,
         cpu_to_device_bw=to_dev, device_to_cpu_bw=from_dev, device_flops=device_flops,
         device_mem_bw=device_mem, cpu_flops=cpu_flops, cpu_mem_bw=cpu_mem,
-        cast_bw=cast_bw(device, dtype), torch_threads=torch.get_num_threads())
+        cast_bw=cast_bw(device, dtype), disk_cache_op_s=cache_op,
+        torch_threads=torch.get_num_threads())
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
@@ -186,3 +189,23 @@ def disk_bw(directory: Path, size: int = 256 * 2**20) -> tuple[float, float]:
     finally:
         os.close(handle)
         os.unlink(name)
+
+
+def disk_cache_op(directory: Path, steps: int = 8) -> float:
+    """Seconds per decode step of one disk-homed KV-cache layer as the engine stores it
+    (append a token's rows, read the stored past back with the page cache dropped): on
+    small caches this latency, not the bandwidth, is the cost."""
+    from ..memory.kv_cache import DiskKVStorage
+
+    storage = DiskKVStorage(directory, torch.device("cpu"))
+    try:
+        parts = [torch.ones(8, 4, 32, 64), torch.ones(8, 4, 32, 64)]  # (batch, heads, tokens, dim)
+        storage.write(0, parts, 32 + steps)
+        row = [p[:, :, :1] for p in parts]
+        start = time.perf_counter()
+        for i in range(steps):
+            storage.write(32 + i, row, 32 + steps)
+            storage.read(32 + i + 1)
+        return (time.perf_counter() - start) / steps
+    finally:
+        storage.close()
