@@ -184,6 +184,34 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def markdown(report: dict) -> str:
+    """The summary table and every run, for benchmarks/README.md."""
+    gib = lambda n: f"{n / 2**30:.2f}" if n else "-"  # noqa: E731
+    lines = ["| scenario | auto policy | auto tok/s (pred.) | meas./pred. | peak RSS GiB (pred.) "
+             "| grid best tok/s | auto / grid best | grid runs (killed) |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["summary"]:
+        p = r["auto_policy"] or {}
+        policy = (f"{p['gpu_batch_size']}x{p['num_gpu_batches']}, w {p['w_gpu_percent']:g}/"
+                  f"{p['w_cpu_percent']:g}, kv {p['cache_gpu_percent']:g}") if p else r["auto_status"]
+        tok, pred = r["auto_tok_s"] or 0, r["auto_predicted_tok_s"] or 0
+        best, ratio = r["grid_best_tok_s"] or 0, r["auto_vs_grid_best"] or 0
+        lines.append(
+            f"| {r['scenario']} | {policy} | {tok:.2f} ({pred:.2f}) | {tok / pred if pred else 0:.2f} | "
+            f"{gib(r['auto_peak_rss_bytes'])} ({gib(r['auto_predicted_peak_bytes'])}) | {best:.2f} | "
+            f"{ratio:.2f} | {r['grid_runs']} ({r['grid_killed']}) |")
+    lines += ["", "| scenario | run | block | w dev/cpu % | kv dev % | status | tok/s | predicted | "
+              "peak RSS GiB | predicted peak | load 1m |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        p = r.get("policy") or (r["requested"] if isinstance(r["requested"], dict) else {})
+        lines.append(
+            f"| {r['scenario']} | {r['tag']} | {p.get('gpu_batch_size', '-')}x{p.get('num_gpu_batches', '-')} "
+            f"| {p.get('w_gpu_percent', '-')}/{p.get('w_cpu_percent', '-')} | {p.get('cache_gpu_percent', '-')} "
+            f"| {r['status']} | {r.get('tok_s', 0):.2f} | {r.get('predicted_tok_s', 0):.2f} | "
+            f"{gib(r['peak_rss_bytes'])} | {gib(r.get('predicted_peak_bytes'))} | "
+            f"{r['loadavg_1m_before_after'][0]:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,6 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--scenarios", nargs="*", help="names to run (default: all)")
     parser.add_argument("--no-grid", action="store_true", help="only the auto policy")
+    parser.add_argument("--table", action="store_true", help="print the tables of --out and exit")
     parser.add_argument("--ckpt-root", type=Path, default=Path("/tmp/ckpt"))
     parser.add_argument("--refresh-profile", action="store_true",
                         help="measure the machine and the layers again before the first run")
@@ -199,6 +228,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         return child(json.loads(args.child), args.result)
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not cgroup_available():
         logger.error("needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
