@@ -26,7 +26,7 @@ from .policy import DEVICE
 
 logger = logging.getLogger(__name__)
 
-PREFILL_TOKENS, DECODE_CONTEXT, DECODE_ROWS = 128, 16, 32
+PREFILL_TOKENS, DECODE_CONTEXT, DECODE_ROWS, REPEATS = 128, 16, 64, 8
 
 
 def layer_costs(config, skeleton, device: torch.device, dtype: torch.dtype,
@@ -71,9 +71,13 @@ def measure(skeleton, device: torch.device, dtype: torch.dtype) -> LayerCosts:
         return prefill, decode
 
     run(2, 8, 1)  # warm-up
-    prefill = min(run(1, PREFILL_TOKENS, 0)[0] for _ in range(2))
-    _, one = run(1, DECODE_CONTEXT, 3)
-    _, many = run(DECODE_ROWS, DECODE_CONTEXT, 3)
+    # best of several: on a busy machine single timings of small ops are mostly waiting
+    # prefill as blocks run it: many rows at once (fewer for big layers, to stay quick)
+    params = sum(t.numel() for t in layer.values())
+    rows = max(1, min(8, 2**26 // max(1, params * PREFILL_TOKENS // 1024)))
+    prefill = min(run(rows, PREFILL_TOKENS, 0)[0] for _ in range(3)) / rows
+    _, one = run(1, DECODE_CONTEXT, REPEATS)
+    _, many = run(DECODE_ROWS, DECODE_CONTEXT, REPEATS)
     d1, dn = min(one), min(many)
     per_row = max(0.0, (dn - d1) / (DECODE_ROWS - 1))
     head = _time_head(skeleton, adapter, names[-1], device, dtype)
@@ -89,7 +93,7 @@ def _time_head(skeleton, adapter, names, device, dtype) -> tuple[float, float]:
         hidden = torch.randn(rows, 1, hidden_size, device=device, dtype=dtype)
         logits_fn = lambda: torch.log_softmax(adapter.head(weights, hidden).float(), -1).argmax(-1)  # noqa: E731
         logits_fn()
-        times.append(min(_timed(logits_fn, device) for _ in range(3)))
+        times.append(min(_timed(logits_fn, device) for _ in range(REPEATS)))
     per_row = max(0.0, (times[1] - times[0]) / (DECODE_ROWS - 1))
     return max(0.0, times[0] - per_row), per_row
 
