@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 
 import torch
 
@@ -21,7 +20,7 @@ from .memory.kv_cache import FlexKVCache
 from .memory.prefetch import IOWorker
 from .placement.cost_model import LayerCosts
 from .memory.resolve import cache_root
-from .placement.hardware import machine_key
+from .placement.hardware import machine_key, time_once
 from .policy import DEVICE
 
 logger = logging.getLogger(__name__)
@@ -61,13 +60,13 @@ def measure(skeleton, device: torch.device, dtype: torch.dtype) -> LayerCosts:
         ids = torch.randint(0, 16, (rows, prompt), device=device)
         mask = torch.ones_like(ids)
         step = StepInputs(ids, mask, torch.arange(prompt, device=device).expand(rows, -1), cache)
-        prefill = _timed(lambda: adapter.layer(0, layer, adapter.embed(embed, step), step), device)
+        prefill = time_once(lambda: adapter.layer(0, layer, adapter.embed(embed, step), step), device)
         decode = []
         for i in range(decode_steps):
             mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
             step = StepInputs(ids[:, :1], mask, torch.full((rows, 1), prompt + i, device=device), cache)
             hidden = adapter.embed(embed, step)
-            decode.append(_timed(lambda: adapter.layer(0, layer, hidden, step), device))
+            decode.append(time_once(lambda: adapter.layer(0, layer, hidden, step), device))
         return prefill, decode
 
     run(2, 8, 1)  # warm-up
@@ -93,7 +92,7 @@ def _time_head(skeleton, adapter, names, device, dtype) -> tuple[float, float]:
         hidden = torch.randn(rows, 1, hidden_size, device=device, dtype=dtype)
         logits_fn = lambda: torch.log_softmax(adapter.head(weights, hidden).float(), -1).argmax(-1)  # noqa: E731
         logits_fn()
-        times.append(min(_timed(logits_fn, device) for _ in range(REPEATS)))
+        times.append(min(time_once(logits_fn, device) for _ in range(REPEATS)))
     per_row = max(0.0, (times[1] - times[0]) / (DECODE_ROWS - 1))
     return max(0.0, times[0] - per_row), per_row
 
@@ -106,12 +105,3 @@ def _random(model, name: str, device, dtype, small_vocab: bool = False) -> torch
         return torch.ones(shape, device=device, dtype=dtype)
     return (torch.randn(shape, device=device, dtype=dtype) * 0.02)
 
-
-def _timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start

@@ -118,19 +118,21 @@ def measure(device: torch.device, dtype: torch.dtype, disk_dir: Path) -> Hardwar
         torch_threads=torch.get_num_threads())
 
 
+def time_once(fn, device: torch.device) -> float:
+    """Seconds of one call of ``fn``, device work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _timed(fn, device: torch.device, repeats: int) -> float:
     """Best seconds per call of ``fn`` over ``repeats`` after one warm-up."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(time_once(fn, device) for _ in range(repeats))
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
