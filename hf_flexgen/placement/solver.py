@@ -48,7 +48,7 @@ def plan(layout: ModelLayout, workload: Workload, hw: HardwareProfile, limits: d
     args = (layout, workload, hw, compute_itemsize, baseline_bytes)
     check_minimum(base, limits, *args)
     found: dict[tuple, Estimate] = {}
-    for b, k in block_shapes(workload.num_prompts, hw.is_cpu_only):
+    for b, k in block_shapes(workload.num_prompts):
         shaped = replace(base, gpu_batch_size=b, num_gpu_batches=k)
         fractions = solve_lp(shaped, limits, *args, measured=measured)
         if fractions is None:
@@ -71,7 +71,7 @@ def plan(layout: ModelLayout, workload: Workload, hw: HardwareProfile, limits: d
     return Plan(ranked[0], tuple(ranked[1:1 + runners_up]), limits, workload)
 
 
-def block_shapes(num_prompts: int, cpu_only: bool):
+def block_shapes(num_prompts: int):
     """Candidate (gpu_batch_size, num_gpu_batches): powers of two, and the whole job as one
     micro-batch when it is small; blocks no larger than the job."""
     sizes = sorted({2**i for i in range(11) if 2**i <= min(num_prompts, MAX_GPU_BATCH)}
