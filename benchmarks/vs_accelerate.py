@@ -13,7 +13,7 @@ Fairness rules applied to every configuration of both peers:
   A configuration that does not finish is never extrapolated: a run stopped by the time
   limit is reported as an upper bound, one killed by the cgroup OOM killer as "killed at
   budget" and then re-measured at budgets x1.5, x1.5^2, ... until it survives;
-* each peer at its best settings: Accelerate over batch sizes and dtypes (``max_memory``
+* each peer at its best settings: Accelerate over batch sizes, dtypes and runtime floors (``max_memory``
   set to the budget minus room for its KV cache, activations and the Python runtime),
   hf_flexgen over a few policies. Each peer's best is reported.
 
@@ -90,7 +90,7 @@ class AccelerateConfig:
     runtime_floor_gib: float   # budget kept free for the Python runtime and temporaries
 
     def label(self) -> str:
-        return f"batch {self.batch_size}, {self.dtype}"
+        return f"batch {self.batch_size}, {self.dtype}, floor {self.runtime_floor_gib:g} GiB"
 
 
 @dataclass(frozen=True)
@@ -322,9 +322,11 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
-def run_with_escalation(spec: RunSpec, timeout_s: float, settings: Settings, tag: str) -> list[dict]:
-    """Run at the budget; after an OOM kill, re-run at budget x step ... until it survives."""
-    rows = [run_spec(spec, timeout_s, settings, tag)]
+def run_with_escalation(spec: RunSpec, timeout_s: float, settings: Settings, tag: str,
+                        first: dict | None = None) -> list[dict]:
+    """Run at the budget (or take ``first``, that run's row); after an OOM kill, re-run at
+    budget x step ... until it survives."""
+    rows = [first or run_spec(spec, timeout_s, settings, tag)]
     budget = spec.budget_bytes
     while rows[-1]["status"] == "killed at budget":
         budget = int(budget * settings.budget_step)
@@ -361,35 +363,59 @@ def flexgen_configs(w: Workload, overlap: bool, device: str,
     return [FlexGenConfig(n, 1, cache_cpu_percent=c, overlap=overlap) for c in cache_cpu]
 
 
-def accelerate_configs(w: Workload, dtypes: list[str], floor_gib: float,
-                       batches: list[int] | None = None) -> list[AccelerateConfig]:
-    """Batch sizes (default: the number of prompts down through powers of 4), largest first."""
+def accelerate_configs(w: Workload, dtypes: list[str], floors_gib: list[float],
+                       batches: list[int] | None = None) -> list[list[AccelerateConfig]]:
+    """Batch sizes (default: the number of prompts down through powers of 4), largest first;
+    for each (dtype, batch) the runtime floors to try, in the order given."""
     sizes, b = {w.num_prompts}, 1
     while b < w.num_prompts:
         sizes.add(b)
         b *= 4
     sizes = set(batches) if batches else sizes
-    return [AccelerateConfig(s, d, floor_gib) for d in dtypes for s in sorted(sizes, reverse=True)]
+    return [[AccelerateConfig(s, d, f) for f in floors_gib]
+            for d in dtypes for s in sorted(sizes, reverse=True)]
 
 
-def run_accelerate_search(configs, w, budget, settings, rows, device, gpu_budget, save) -> None:
-    """Largest batch first; once a batch size hits the time limit, smaller ones (which read
-    the offloaded weights more often) are listed as not run."""
+def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget, save) -> None:
+    """Largest batch first. For each batch size, ``max_memory`` is part of Accelerate's best
+    settings: its floors are tried in order at the budget until one survives (a floor that
+    gives the same ``max_memory`` as one already killed is skipped); when all are killed,
+    the last is re-run at escalated budgets. Once a batch size hits the time limit, smaller
+    ones (which read the offloaded weights more often) are listed as not run."""
+    from transformers import AutoConfig
+    model_config = AutoConfig.from_pretrained(w.checkpoint)
     stopped: dict[str, int] = {}
-    for i, c in enumerate(configs):
-        if c.dtype in stopped:
-            rows.append({"peer": ACCELERATE, "label": c.label(), "config": asdict(c),
-                         "budget_bytes": budget, "status": f"not run (batch {stopped[c.dtype]} "
+    for i, group in enumerate(groups):
+        dtype = group[0].dtype
+        if dtype in stopped:
+            rows.append({"peer": ACCELERATE, "label": group[0].label(), "config": asdict(group[0]),
+                         "budget_bytes": budget, "status": f"not run (batch {stopped[dtype]} "
                          "already hit the time limit; a smaller batch re-reads the offloaded "
                          "weights more often)"})
             continue
-        spec = RunSpec(ACCELERATE, asdict(c), w, budget, device=device, gpu_budget_bytes=gpu_budget)
-        new = run_with_escalation(spec, time_limit(rows, ACCELERATE, settings, budget), settings,
-                                  f"acc{i}")
-        rows.extend(new)
-        save()
+        tried, new = [], []
+        for j, c in enumerate(group):
+            spec = RunSpec(ACCELERATE, asdict(c), w, budget, device=device, gpu_budget_bytes=gpu_budget)
+            max_memory = accelerate_max_memory(spec, model_config, c)
+            if max_memory in tried:
+                logger.info("skipping %s floor %.2f GiB: same max_memory as a run killed already",
+                            c.label(), c.runtime_floor_gib)
+                continue
+            tried.append(max_memory)
+            new.append(run_spec(spec, time_limit(rows + new, ACCELERATE, settings, budget),
+                                settings, f"acc{i}_{j}"))
+            rows.append(new[-1])
+            save()
+            if new[-1]["status"] != "killed at budget":
+                break
+        else:
+            escalated = run_with_escalation(spec, time_limit(rows, ACCELERATE, settings, budget),
+                                            settings, f"acc{i}", first=new[-1])[1:]
+            rows.extend(escalated)
+            new.extend(escalated)
+            save()
         if any(r["status"] == "time limit" for r in new):
-            stopped[c.dtype] = c.batch_size
+            stopped[dtype] = group[0].batch_size
 
 
 def annotate(rows: list[dict], roof_fn) -> dict | None:
@@ -473,8 +499,9 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accelerate-dtypes", help="comma-separated; default float32 on CPU "
                         "(half-precision matmuls are measured and skipped when hopeless)")
-    parser.add_argument("--accelerate-floor-gib", type=float, default=1.0,
-                        help="budget Accelerate keeps free of weights for the runtime")
+    parser.add_argument("--accelerate-floor-gib", default="1.0",
+                        help="budget Accelerate keeps free of weights for the runtime; "
+                        "comma-separated floors are tried in order per batch size until one survives")
     parser.add_argument("--no-overlap", action="store_true", help="hf_flexgen policies with overlap=False")
     parser.add_argument("--overlap-off-too", action="store_true",
                         help="also run hf_flexgen's best policy with overlap=False (I/O-wait comparison)")
@@ -563,7 +590,7 @@ def main(argv=None) -> int:
             save()
     if args.only != FLEXGEN:
         batches = [int(b) for b in args.accelerate_batches.split(",")] if args.accelerate_batches else None
-        run_accelerate_search(accelerate_configs(w, dtypes["run"], args.accelerate_floor_gib, batches),
+        run_accelerate_search(accelerate_configs(w, dtypes["run"], [float(f) for f in args.accelerate_floor_gib.split(",")], batches),
                               w, budget, settings, rows, device, gpu_budget, save)
     report = save()
     print(table(rows))
