@@ -40,7 +40,3 @@ class LlamaAdapter(FamilyAdapter):
         rotary = self.model.model.rotary_emb(hidden, position_ids=step.position_ids)
         step.layer_kwargs = {"attention_masks": masks, "position_embeddings": rotary}
         return hidden
-
-    def head(self, weights, hidden):
-        hidden = run_module(self.model, "model.norm", weights, hidden)
-        return run_module(self.model, "lm_head", weights, hidden[:, -1:, :])[:, -1, :]

@@ -36,8 +36,3 @@ class OPTAdapter(FamilyAdapter):
             embeds = run_module(self.model, f"{DECODER}.project_in", weights, embeds)
         step.layer_kwargs = {"attention_masks": {"full_attention": mask}}
         return embeds + positions.to(embeds.device)
-
-    def head(self, weights, hidden):
-        for path in self.head_paths()[:-1]:
-            hidden = run_module(self.model, path, weights, hidden)
-        return run_module(self.model, "lm_head", weights, hidden[:, -1:, :])[:, -1, :]

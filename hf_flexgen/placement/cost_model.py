@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
+from ..memory.checkpoint import direct_span
 from ..policy import CPU, DEVICE, DISK, HOMES, Policy, assign_homes, spread_units
 from .hardware import HardwareProfile
 
@@ -403,7 +404,7 @@ def memory_terms(policy: Policy, layout: ModelLayout, workload: Workload, hw: Ha
                 role = (t.key,) if lay.shared(t.key) else (t.role,)
                 if home == DISK:
                     slot = () if lay.shared(t.key) else (j % 2,)
-                    staging[("raw", *slot, *role)] = t.numel * t.storage_itemsize
+                    staging[("raw", *slot, *role)] = direct_span(t.numel * t.storage_itemsize)
                 if home != DEVICE and t.storage_itemsize != cb:
                     staging[("compute", *role)] = t.numel * cb
             if home == DISK or (t.key, home) in seen:
