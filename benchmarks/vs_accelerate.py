@@ -74,13 +74,15 @@ class FlexGenConfig:
     cache_gpu_percent: float = 0
     cache_cpu_percent: float = 100
     overlap: bool = True
+    dtype: str | None = None   # compute dtype; None: hf_flexgen's default for the device
 
     def label(self) -> str:
         w_disk = 100 - self.w_gpu_percent - self.w_cpu_percent
         c_disk = 100 - self.cache_gpu_percent - self.cache_cpu_percent
         return (f"block {self.gpu_batch_size}x{self.num_gpu_batches}, w {self.w_gpu_percent:g}/"
                 f"{self.w_cpu_percent:g}/{w_disk:g}, kv {self.cache_gpu_percent:g}/"
-                f"{self.cache_cpu_percent:g}/{c_disk:g}, overlap={'on' if self.overlap else 'off'}")
+                f"{self.cache_cpu_percent:g}/{c_disk:g}, overlap={'on' if self.overlap else 'off'}"
+                + (f", {self.dtype}" if self.dtype else ""))
 
 
 @dataclass(frozen=True)
@@ -137,8 +139,10 @@ def run_flexgen(spec: RunSpec) -> dict:
                     cache_gpu_percent=c.cache_gpu_percent, cache_cpu_percent=c.cache_cpu_percent,
                     act_gpu_percent=100, act_cpu_percent=0, overlap=c.overlap)
     t0 = time.perf_counter()
+    import torch
     model = FlexGenForCausalLM.from_pretrained(w.checkpoint, policy=policy, device=spec.device,
-                                               offload_dir=spec.offload_dir)
+                                               offload_dir=spec.offload_dir,
+                                               dtype=getattr(torch, c.dtype) if c.dtype else None)
     load_s = time.perf_counter() - t0
     ids, mask = make_prompts(w, model.config.vocab_size)
     read0, t1 = disk_read_bytes(), time.perf_counter()
@@ -348,19 +352,21 @@ def time_limit(rows: list[dict], peer: str, settings: Settings, budget: int) -> 
     return min([settings.max_run_s] + [settings.timeout_factor * t for t in done])
 
 
-def flexgen_configs(w: Workload, overlap: bool, device: str,
-                    cache_cpu: list[float]) -> list[FlexGenConfig]:
+def flexgen_configs(w: Workload, overlap: bool, device: str, cache_cpu: list[float],
+                    dtypes: list[str | None] = (None,)) -> list[FlexGenConfig]:
     """A small policy search. CPU: one block of every prompt as one micro-batch (on a CPU,
     one large matmul beats several small ones), all weights on disk, the KV cache in host
-    RAM by each of ``cache_cpu`` percent (the rest on disk). GPU (FlexGen's OPT-30B policy
-    shape): 20% of the weights on the GPU, the rest and the KV cache in host RAM."""
+    RAM by each of ``cache_cpu`` percent (the rest on disk), in each compute dtype. GPU
+    (FlexGen's OPT-30B policy shape): 20% of the weights on the GPU, the rest and the KV
+    cache in host RAM."""
     n = w.num_prompts
     quarter = max(1, n // 4)
     if device == "cuda":
         gpu = dict(w_gpu_percent=20, w_cpu_percent=80, cache_gpu_percent=0, cache_cpu_percent=100)
         return [FlexGenConfig(quarter, n // quarter, overlap=overlap, **gpu),
                 FlexGenConfig(n // 2, 2, overlap=overlap, **gpu)]
-    return [FlexGenConfig(n, 1, cache_cpu_percent=c, overlap=overlap) for c in cache_cpu]
+    return [FlexGenConfig(n, 1, cache_cpu_percent=c, overlap=overlap, dtype=d)
+            for d in dtypes for c in cache_cpu]
 
 
 def accelerate_configs(w: Workload, dtypes: list[str], floors_gib: list[float],
@@ -502,6 +508,8 @@ def parse_args(argv):
     parser.add_argument("--accelerate-floor-gib", default="1.0",
                         help="budget Accelerate keeps free of weights for the runtime; "
                         "comma-separated floors are tried in order per batch size until one survives")
+    parser.add_argument("--flexgen-dtypes", default="",
+                        help="comma-separated compute dtypes for hf_flexgen (default: its own default)")
     parser.add_argument("--no-overlap", action="store_true", help="hf_flexgen policies with overlap=False")
     parser.add_argument("--overlap-off-too", action="store_true",
                         help="also run hf_flexgen's best policy with overlap=False (I/O-wait comparison)")
@@ -576,7 +584,8 @@ def main(argv=None) -> int:
 
     if args.only != ACCELERATE:
         cache_cpu = [float(c) for c in args.flexgen_cache_cpu.split(",")]
-        configs = flexgen_configs(w, not args.no_overlap, device, cache_cpu)
+        flexgen_dtypes = [d or None for d in args.flexgen_dtypes.split(",")]
+        configs = flexgen_configs(w, not args.no_overlap, device, cache_cpu, flexgen_dtypes)
         for i, c in enumerate(configs):
             spec = RunSpec(FLEXGEN, asdict(c), w, budget, device=device, gpu_budget_bytes=gpu_budget)
             rows.extend(run_with_escalation(spec, time_limit(rows, FLEXGEN, settings, budget),
