@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..memory.checkpoint import drop_page_cache, read_exact
+from ..memory.checkpoint import direct_buffer, drop_page_cache, read_direct, read_exact
 from ..memory.resolve import cache_root
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def transfer_bw(src_device: torch.device, dst_device: torch.device) -> float:
 
 
 def disk_bw(directory: Path, size: int = 256 * 2**20) -> tuple[float, float]:
-    """Sequential write (fsync'd) and cold read (page cache dropped) of a temporary file."""
+    """Sequential write (fsync'd) and cold read (page cache dropped or bypassed) of a temporary file."""
     directory.mkdir(parents=True, exist_ok=True)
     data = torch.ones(size, dtype=torch.uint8).numpy()
     handle, name = tempfile.mkstemp(prefix="hw_probe_", dir=directory)
@@ -180,17 +180,32 @@ def disk_bw(directory: Path, size: int = 256 * 2**20) -> tuple[float, float]:
             done += os.pwrite(handle, data[done:], done)
         os.fsync(handle)
         write = size / (time.perf_counter() - start)
-        best_read = 0.0
+        best_read, buffer = 0.0, direct_buffer(size)
         for _ in range(2):
             drop_page_cache(handle, 0, size)
             start = time.perf_counter()
-            read_exact(handle, memoryview(data), 0)
+            _read_like_weights(name, handle, buffer, size)
             best_read = max(best_read, size / (time.perf_counter() - start))
         drop_page_cache(handle, 0, size)
         return best_read, write
     finally:
         os.close(handle)
         os.unlink(name)
+
+
+def _read_like_weights(name: str, handle: int, buffer: torch.Tensor, size: int) -> None:
+    """Read the file as disk-homed weights are read: with O_DIRECT into an aligned buffer
+    where the file system allows it, else through the page cache."""
+    try:
+        direct = os.open(name, os.O_RDONLY | os.O_DIRECT)
+    except (AttributeError, OSError):
+        direct = None
+    try:
+        if direct is None or not read_direct(direct, memoryview(buffer.numpy()), 0, size):
+            read_exact(handle, memoryview(buffer[:size].numpy()), 0)
+    finally:
+        if direct is not None:
+            os.close(direct)
 
 
 def disk_cache_op(directory: Path, steps: int = 8) -> float:
