@@ -37,7 +37,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,8 +75,11 @@ class FlexGenConfig:
     cache_cpu_percent: float = 100
     overlap: bool = True
     dtype: str | None = None   # compute dtype; None: hf_flexgen's default for the device
+    auto: bool = False         # policy="auto" with max_memory = the budget (the fields above unused)
 
     def label(self) -> str:
+        if self.auto:
+            return "policy=auto" + (f", {self.dtype}" if self.dtype else "")
         w_disk = 100 - self.w_gpu_percent - self.w_cpu_percent
         c_disk = 100 - self.cache_gpu_percent - self.cache_cpu_percent
         return (f"block {self.gpu_batch_size}x{self.num_gpu_batches}, w {self.w_gpu_percent:g}/"
@@ -103,7 +106,8 @@ class RunSpec:
     budget_bytes: int          # host RAM budget (cgroup limit)
     device: str = "cpu"
     gpu_budget_bytes: int | None = None
-    offload_dir: str = "/tmp/vs_accelerate_offload"
+    # per harness process: concurrent harnesses must not clear each other's offload files
+    offload_dir: str = field(default_factory=lambda: f"/tmp/vs_accelerate_offload_{os.getpid()}")
 
     def label(self) -> str:
         cls = FlexGenConfig if self.peer == FLEXGEN else AccelerateConfig
@@ -140,10 +144,19 @@ def run_flexgen(spec: RunSpec) -> dict:
                     act_gpu_percent=100, act_cpu_percent=0, overlap=c.overlap)
     t0 = time.perf_counter()
     import torch
-    model = FlexGenForCausalLM.from_pretrained(w.checkpoint, policy=policy, device=spec.device,
-                                               offload_dir=spec.offload_dir,
+    from hf_flexgen.placement import Workload as PlannedWorkload, describe
+    auto = {}
+    if c.auto:  # the planner picks placement and block shape for this budget and workload
+        max_memory = {"cpu": spec.budget_bytes} if spec.device == "cpu" else {
+            0: spec.gpu_budget_bytes, "cpu": spec.budget_bytes}
+        auto = {"policy": "auto", "max_memory": max_memory,
+                "workload": PlannedWorkload(w.prompt_len, w.gen_len, w.num_prompts)}
+    model = FlexGenForCausalLM.from_pretrained(w.checkpoint, **{"policy": policy, **auto},
+                                               device=spec.device, offload_dir=spec.offload_dir,
                                                dtype=getattr(torch, c.dtype) if c.dtype else None)
     load_s = time.perf_counter() - t0
+    chosen = ({"policy": describe(model.plan.policy), "predicted_tok_s": model.plan.best.throughput,
+               "predicted_peak_bytes": model.plan.best.peak_bytes} if model.plan else None)
     ids, mask = make_prompts(w, model.config.vocab_size)
     read0, t1 = disk_read_bytes(), time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=w.gen_len,
@@ -156,7 +169,8 @@ def run_flexgen(spec: RunSpec) -> dict:
             "prefill_s": stats.get("prefill_s"), "decode_s": stats.get("decode_s"),
             "io_wait_s": stats.get("io_wait_s"), "decode_io_wait_s": stats.get("decode_io_wait_s"),
             "last_stats": stats,
-            "disk_read_bytes": disk_read_bytes() - read0, "placement_bytes": weights_by_home}
+            "disk_read_bytes": disk_read_bytes() - read0, "placement_bytes": weights_by_home,
+            "chosen_policy": asdict(model.policy) if c.auto else None, "plan": chosen}
 
 
 def _first_token_timer():
@@ -353,10 +367,11 @@ def time_limit(rows: list[dict], peer: str, settings: Settings, budget: int) -> 
 
 
 def flexgen_configs(w: Workload, overlap: bool, device: str, cache_cpu: list[float],
-                    dtypes: list[str | None] = (None,)) -> list[FlexGenConfig]:
+                    dtypes: list[str | None] = (None,), auto: bool = False) -> list[FlexGenConfig]:
     """A small policy search. CPU: one block of every prompt as one micro-batch (on a CPU,
     one large matmul beats several small ones), all weights on disk, the KV cache in host
-    RAM by each of ``cache_cpu`` percent (the rest on disk), in each compute dtype. GPU
+    RAM by each of ``cache_cpu`` percent (the rest on disk), in each compute dtype, and with
+    ``auto`` policy="auto" given the budget as ``max_memory``, in each dtype. GPU
     (FlexGen's OPT-30B policy shape): 20% of the weights on the GPU, the rest and the KV
     cache in host RAM."""
     n = w.num_prompts
@@ -366,7 +381,8 @@ def flexgen_configs(w: Workload, overlap: bool, device: str, cache_cpu: list[flo
         return [FlexGenConfig(quarter, n // quarter, overlap=overlap, **gpu),
                 FlexGenConfig(n // 2, 2, overlap=overlap, **gpu)]
     return [FlexGenConfig(n, 1, cache_cpu_percent=c, overlap=overlap, dtype=d)
-            for d in dtypes for c in cache_cpu]
+            for d in dtypes for c in cache_cpu] + [FlexGenConfig(n, 1, dtype=d, auto=True)
+                                                   for d in (dtypes if auto else ())]
 
 
 def accelerate_configs(w: Workload, dtypes: list[str], floors_gib: list[float],
@@ -510,6 +526,8 @@ def parse_args(argv):
                         "comma-separated floors are tried in order per batch size until one survives")
     parser.add_argument("--flexgen-dtypes", default="",
                         help="comma-separated compute dtypes for hf_flexgen (default: its own default)")
+    parser.add_argument("--flexgen-auto", action="store_true",
+                        help="also run hf_flexgen with policy='auto' and max_memory = the budget")
     parser.add_argument("--no-overlap", action="store_true", help="hf_flexgen policies with overlap=False")
     parser.add_argument("--overlap-off-too", action="store_true",
                         help="also run hf_flexgen's best policy with overlap=False (I/O-wait comparison)")
@@ -585,7 +603,8 @@ def main(argv=None) -> int:
     if args.only != ACCELERATE:
         cache_cpu = [float(c) for c in args.flexgen_cache_cpu.split(",")]
         flexgen_dtypes = [d or None for d in args.flexgen_dtypes.split(",")]
-        configs = flexgen_configs(w, not args.no_overlap, device, cache_cpu, flexgen_dtypes)
+        configs = flexgen_configs(w, not args.no_overlap, device, cache_cpu, flexgen_dtypes,
+                                  args.flexgen_auto)
         for i, c in enumerate(configs):
             spec = RunSpec(FLEXGEN, asdict(c), w, budget, device=device, gpu_budget_bytes=gpu_budget)
             rows.extend(run_with_escalation(spec, time_limit(rows, FLEXGEN, settings, budget),
@@ -593,7 +612,7 @@ def main(argv=None) -> int:
             save()
         best = _best(rows, FLEXGEN)
         if args.overlap_off_too and best and best["config"]["overlap"]:
-            spec = RunSpec(FLEXGEN, {**best["config"], "overlap": False}, w, best["budget_bytes"],
+            spec = RunSpec(FLEXGEN, serial_twin(best, rows), w, best["budget_bytes"],
                            device=device, gpu_budget_bytes=gpu_budget)
             rows.extend(run_with_escalation(spec, settings.max_run_s, settings, "flex_serial"))
             save()
@@ -610,6 +629,19 @@ def main(argv=None) -> int:
     print(f"roofline at {format_gib(budget)}: {report['roofline']['roofline_tok_s']:.2f} tok/s "
           f"({report['roofline']['bound']}-bound)")
     return 0
+
+
+def serial_twin(best: dict, rows: list[dict]) -> dict:
+    """The best hf_flexgen configuration with overlap off (for policy="auto": the policy the
+    planner chose, spelled out)."""
+    config = best["config"]
+    if config.get("auto"):
+        chosen = next(r["chosen_policy"] for r in rows if r.get("label") == best["label"]
+                      and r.get("chosen_policy"))
+        fields = ("gpu_batch_size", "num_gpu_batches", "w_gpu_percent", "w_cpu_percent",
+                  "cache_gpu_percent", "cache_cpu_percent")
+        config = asdict(FlexGenConfig(**{f: chosen[f] for f in fields}, dtype=config["dtype"]))
+    return {**config, "overlap": False}
 
 
 def _best(rows: list[dict], peer: str) -> dict | None:
