@@ -158,6 +158,7 @@ def run_flexgen(spec: RunSpec) -> dict:
     chosen = ({"policy": describe(model.plan.policy), "predicted_tok_s": model.plan.best.throughput,
                "predicted_peak_bytes": model.plan.best.peak_bytes} if model.plan else None)
     ids, mask = make_prompts(w, model.config.vocab_size)
+    mark_generation_start()
     read0, t1 = disk_read_bytes(), time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=w.gen_len,
                          min_new_tokens=w.gen_len, do_sample=False)
@@ -226,6 +227,7 @@ def run_accelerate(spec: RunSpec) -> dict:
     ids, mask = make_prompts(w, hf_config.vocab_size)
     first_device = "cuda:0" if spec.device == "cuda" else "cpu"
     outputs, prefill_s = [], 0.0
+    mark_generation_start()
     read0, t1 = disk_read_bytes(), time.perf_counter()
     for start in range(0, w.num_prompts, c.batch_size):
         timer, b0 = _first_token_timer(), time.perf_counter()
@@ -261,7 +263,19 @@ def _placement(model, hf_config) -> dict[str, int]:
     return out
 
 
+_GENERATION_MARK: Path | None = None  # the worker writes when generation starts
+
+
+def mark_generation_start() -> None:
+    """Tell the parent when loading ended (time.monotonic is system-wide on Linux): a run
+    stopped by the time limit is then bounded by its generation time alone."""
+    if _GENERATION_MARK is not None:
+        _GENERATION_MARK.write_text(repr(time.monotonic()))
+
+
 def worker_main(spec_json: str, result_path: str) -> int:
+    global _GENERATION_MARK
+    _GENERATION_MARK = Path(result_path + ".generating")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     raw = json.loads(spec_json)
     spec = RunSpec(**{**raw, "workload": Workload(**raw["workload"])})
@@ -299,13 +313,15 @@ def run_spec(spec: RunSpec, timeout_s: float, settings: Settings, tag: str) -> d
     tmp = settings.results_dir / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     result_file, log_file = tmp / f"{tag}.json", tmp / f"{tag}.log"
+    mark_file = Path(str(result_file) + ".generating")
     result_file.unlink(missing_ok=True)
+    mark_file.unlink(missing_ok=True)
     shutil.rmtree(spec.offload_dir, ignore_errors=True)
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(spec)),
             "--result", str(result_file)]
     logger.info("run %s [%s] budget %s, time limit %.0f s", spec.peer, spec.label(),
                 format_gib(spec.budget_bytes), timeout_s)
-    load_before = os.getloadavg()
+    load_before, spawned = os.getloadavg(), time.monotonic()
     outcome = run_in_cgroup(argv, spec.budget_bytes, timeout_s, log_file)
     shutil.rmtree(spec.offload_dir, ignore_errors=True)
     row = {"peer": spec.peer, "label": spec.label(), "config": spec.config,
@@ -319,9 +335,12 @@ def run_spec(spec: RunSpec, timeout_s: float, settings: Settings, tag: str) -> d
         row["tok_s"] = spec.workload.generated_tokens / row["generate_s"]
     elif outcome.killed_by == "oom":
         row["status"] = "killed at budget"
-    elif outcome.killed_by == "timeout":
+    elif outcome.killed_by == "timeout" and mark_file.exists():
         row["status"] = "time limit"
-        row["tok_s_upper_bound"] = spec.workload.generated_tokens / timeout_s
+        row["generated_for_s"] = spawned + outcome.wall_s - float(mark_file.read_text())
+        row["tok_s_upper_bound"] = spec.workload.generated_tokens / row["generated_for_s"]
+    elif outcome.killed_by == "timeout":
+        row["status"] = "time limit (still loading)"
     else:
         row["status"] = f"failed (exit {outcome.returncode})"
         row["error_tail"] = _tail(log_file)
@@ -358,12 +377,16 @@ def run_with_escalation(spec: RunSpec, timeout_s: float, settings: Settings, tag
     return rows
 
 
+LOAD_ALLOWANCE_S = 120  # loading is not timed as throughput: it gets its own allowance
+
+
 def time_limit(rows: list[dict], peer: str, settings: Settings, budget: int) -> float:
-    """A run slower than ``timeout_factor`` x the peer's fastest finished run at the same
-    budget is stopped (with factor 1: it can no longer be the peer's best)."""
-    done = [r["wall_s"] for r in rows if r["peer"] == peer and r["status"] == "ok"
+    """A run whose generation takes longer than ``timeout_factor`` x the generation of the
+    peer's fastest finished run at the same budget is stopped (with factor 1: it can no
+    longer be the peer's best); loading gets ``LOAD_ALLOWANCE_S`` on top."""
+    done = [r["generate_s"] for r in rows if r["peer"] == peer and r["status"] == "ok"
             and r["budget_bytes"] == budget]
-    return min([settings.max_run_s] + [settings.timeout_factor * t for t in done])
+    return min([settings.max_run_s] + [settings.timeout_factor * t + LOAD_ALLOWANCE_S for t in done])
 
 
 def flexgen_configs(w: Workload, overlap: bool, device: str, cache_cpu: list[float],
@@ -436,7 +459,7 @@ def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget,
             rows.extend(escalated)
             new.extend(escalated)
             save()
-        if any(r["status"] == "time limit" for r in new):
+        if any(r["status"].startswith("time limit") for r in new):
             stopped[dtype] = group[0].batch_size
 
 
