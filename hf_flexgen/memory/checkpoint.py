@@ -31,9 +31,13 @@ SAFETENSORS_DTYPES = {
 ALIGN = 4096  # O_DIRECT: file offset, length and memory address aligned to this
 
 
+def _round_up(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def direct_span(nbytes: int) -> int:
     """Bytes of a :func:`direct_buffer` that can take a tensor of ``nbytes`` at any offset."""
-    return -(-nbytes // ALIGN) * ALIGN + ALIGN
+    return _round_up(nbytes) + ALIGN
 
 
 def direct_buffer(nbytes: int) -> torch.Tensor:
@@ -74,6 +78,14 @@ def read_exact(fd: int, buffer: memoryview, offset: int) -> None:
         if n <= 0:
             raise IOError(f"unexpected end of file while reading {len(buffer)} bytes at {offset}")
         done += n
+
+
+def open_direct(path) -> int | None:
+    """An ``O_DIRECT`` read descriptor, or None where the OS or file system has no direct I/O."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except (AttributeError, OSError):
+        return None
 
 
 def read_direct(fd: int, buffer: memoryview, offset: int, needed: int) -> bool:
@@ -129,12 +141,8 @@ class CheckpointIndex:
         return self._fds[path]
 
     def _direct_fd(self, path: Path) -> int | None:
-        """An ``O_DIRECT`` descriptor, or None where the file system has no direct I/O."""
         if path not in self._direct_fds:
-            try:
-                self._direct_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
-            except (AttributeError, OSError):  # no O_DIRECT on this OS / file system
-                self._direct_fds[path] = None
+            self._direct_fds[path] = open_direct(path)
         return self._direct_fds[path]
 
     def read_into(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
@@ -146,7 +154,7 @@ class CheckpointIndex:
         if head % loc.dtype.itemsize or len(buffer) < direct_span(loc.nbytes):
             return self.read(name)  # cannot be a view of the buffer: a plain read
         tensor = buffer[head:head + loc.nbytes].view(loc.dtype).view(loc.shape)
-        length = -(-(head + loc.nbytes) // ALIGN) * ALIGN
+        length = _round_up(head + loc.nbytes)
         fd = self._direct_fd(loc.path) if loc.nbytes else None
         if fd is not None and read_direct(fd, memoryview(buffer[:length].numpy()), start,
                                           head + loc.nbytes):

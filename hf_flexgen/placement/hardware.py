@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..memory.checkpoint import direct_buffer, drop_page_cache, read_direct, read_exact
+from ..memory.checkpoint import direct_buffer, drop_page_cache, open_direct, read_direct, read_exact
 from ..memory.resolve import cache_root
 
 logger = logging.getLogger(__name__)
@@ -196,10 +196,7 @@ def disk_bw(directory: Path, size: int = 256 * 2**20) -> tuple[float, float]:
 def _read_like_weights(name: str, handle: int, buffer: torch.Tensor, size: int) -> None:
     """Read the file as disk-homed weights are read: with O_DIRECT into an aligned buffer
     where the file system allows it, else through the page cache."""
-    try:
-        direct = os.open(name, os.O_RDONLY | os.O_DIRECT)
-    except (AttributeError, OSError):
-        direct = None
+    direct = open_direct(name)
     try:
         if direct is None or not read_direct(direct, memoryview(buffer.numpy()), 0, size):
             read_exact(handle, memoryview(buffer[:size].numpy()), 0)
