@@ -531,6 +531,21 @@ SCENARIOS = {
 }
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _dtypes(text: str) -> list[str | None]:
+    names = [d or None for d in text.split(",")]
+    bad = [d for d in names if d not in (None, "float32", "float16", "bfloat16")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {bad}: use float32, float16 or bfloat16")
+    return names
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="cpu")
@@ -544,10 +559,10 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accelerate-dtypes", help="comma-separated; default float32 on CPU "
                         "(half-precision matmuls are measured and skipped when hopeless)")
-    parser.add_argument("--accelerate-floor-gib", default="1.0",
+    parser.add_argument("--accelerate-floor-gib", type=_floats, default=[1.0],
                         help="budget Accelerate keeps free of weights for the runtime; "
                         "comma-separated floors are tried in order per batch size until one survives")
-    parser.add_argument("--flexgen-dtypes", default="",
+    parser.add_argument("--flexgen-dtypes", type=_dtypes, default=[None],
                         help="comma-separated compute dtypes for hf_flexgen (default: its own default)")
     parser.add_argument("--flexgen-auto", action="store_true",
                         help="also run hf_flexgen with policy='auto' and max_memory = the budget")
@@ -625,8 +640,7 @@ def main(argv=None) -> int:
 
     if args.only != ACCELERATE:
         cache_cpu = [float(c) for c in args.flexgen_cache_cpu.split(",")]
-        flexgen_dtypes = [d or None for d in args.flexgen_dtypes.split(",")]
-        configs = flexgen_configs(w, not args.no_overlap, device, cache_cpu, flexgen_dtypes,
+        configs = flexgen_configs(w, not args.no_overlap, device, cache_cpu, args.flexgen_dtypes,
                                   args.flexgen_auto)
         for i, c in enumerate(configs):
             spec = RunSpec(FLEXGEN, asdict(c), w, budget, device=device, gpu_budget_bytes=gpu_budget)
@@ -641,7 +655,7 @@ def main(argv=None) -> int:
             save()
     if args.only != FLEXGEN:
         batches = [int(b) for b in args.accelerate_batches.split(",")] if args.accelerate_batches else None
-        run_accelerate_search(accelerate_configs(w, dtypes["run"], [float(f) for f in args.accelerate_floor_gib.split(",")], batches),
+        run_accelerate_search(accelerate_configs(w, dtypes["run"], args.accelerate_floor_gib, batches),
                               w, budget, settings, rows, device, gpu_budget, save)
     report = save()
     print(table(rows))
