@@ -59,3 +59,39 @@ def test_read_into_a_too_small_buffer_still_reads(odd_checkpoint):
     got = index.read_into("e", direct_buffer(16))
     assert torch.equal(got, load_file(str(odd_checkpoint))["e"])
     index.close()
+
+
+@pytest.mark.parametrize("sync", ["sync_file_range", "refused", "absent"])
+def test_disk_kv_cache_reads_back_what_it_wrote(tmp_path, monkeypatch, sync):
+    """The disk KV cache writes each append back at once (sync_file_range, else fdatasync)
+    and drops it from the page cache; reads still return exactly what was appended."""
+    from hf_flexgen.memory.kv_cache import DiskKVStorage
+
+    if sync == "refused":
+        monkeypatch.setattr(checkpoint, "_sync_range", lambda *args: -1)
+    elif sync == "absent":
+        monkeypatch.setattr(checkpoint, "_sync_range", None)
+    storage = DiskKVStorage(tmp_path, torch.device("cpu"))
+    try:
+        g = torch.Generator().manual_seed(0)
+        prompt = [torch.randn(3, 2, 5, 7, generator=g), torch.randn(3, 2, 5, 7, generator=g).half()]
+        storage.write(0, prompt, capacity=9)
+        steps = []
+        for start in range(5, 8):
+            step = [torch.randn(3, 2, 1, 7, generator=g), torch.randn(3, 2, 1, 7, generator=g).half()]
+            storage.write(start, step, capacity=9)
+            steps.append(step)
+        keys, values = storage.read(8)
+        assert torch.equal(keys, torch.cat([prompt[0], *(s[0] for s in steps)], dim=2))
+        assert torch.equal(values, torch.cat([prompt[1], *(s[1] for s in steps)], dim=2))
+    finally:
+        storage.close()
+
+
+def test_write_back_of_nothing_is_a_no_op(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_sync_range", lambda *args: pytest.fail("synced nothing"))
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        checkpoint.write_back(fd, 0, 0)
+    finally:
+        os.close(fd)

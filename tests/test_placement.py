@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from dataclasses import replace
 
 import pytest
@@ -17,7 +18,8 @@ from hf_flexgen.modeling import config_layout, model_layout
 from hf_flexgen.placement import (HardwareProfile, PlacementError, Workload, estimate,
                                   load_or_measure, parse_max_memory, plan)
 from hf_flexgen.placement import hardware as hardware_module
-from hf_flexgen.placement.cost_model import LayerCosts, memory_terms
+from hf_flexgen.placement.cost_model import LayerCosts, memory_terms, peak_memory
+from hf_flexgen.placement.limits import with_headroom
 from hf_flexgen.policy import CPU, DEVICE, DISK
 
 from tiny_models import left_padded_prompts
@@ -181,6 +183,31 @@ def test_plan_fits_and_is_near_brute_force(hw, cap_mib):
         assert runner.fits(limits)
     best = brute_force(layout, workload, hw, limits, base)
     assert chosen.best.throughput >= 0.9 * best.throughput, (chosen.best.policy, best.policy)
+
+
+def test_headroom_is_a_bounded_share_of_the_cpu_limit():
+    for cpu, room in ((1 * GiB, 64 * MiB), (4 * GiB, int(0.05 * 4 * GiB)), (100 * GiB, 1 * GiB)):
+        limits = {DEVICE: 3 * GiB, CPU: cpu, DISK: 9 * GiB}
+        assert with_headroom(limits) == {DEVICE: 3 * GiB, CPU: cpu - room, DISK: 9 * GiB}
+
+
+def test_plan_keeps_the_headroom_and_uses_it_only_when_nothing_else_fits(caplog):
+    layout = config_layout(OPTConfig(hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
+                                     num_attention_heads=12, vocab_size=50272), torch.float16)
+    workload = Workload(prompt_len=64, gen_len=16, num_prompts=64)
+    limits = {DEVICE: 0, CPU: 1000 * MiB, DISK: 50 * GiB}  # unreserved, the plan peaks at 956 MiB
+    chosen = plan(layout, workload, HW, limits, 4, 100 * MiB, measured=MEASURED)
+    assert chosen.best.peak_bytes[CPU] <= with_headroom(limits)[CPU]
+    # a limit only the smallest working set fits, and only inside the headroom
+    smallest = Policy(overlap=True, gpu_batch_size=1, num_gpu_batches=1, w_gpu_percent=0,
+                      w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0)
+    least = peak_memory(smallest, layout, workload, HW, 4, 100 * MiB)[0][CPU]
+    tight = {**limits, CPU: least + 16 * MiB}
+    assert with_headroom(tight)[CPU] < least
+    with caplog.at_level(logging.WARNING):
+        chosen = plan(layout, workload, HW, tight, 4, 100 * MiB, measured=MEASURED)
+    assert chosen.best.fits(tight)
+    assert "headroom" in caplog.text
 
 
 def test_impossible_limits_refused_before_any_weight_is_read(tiny_checkpoint, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..ops.quantize import QuantizedTensor, dequantize, quantize
 from ..policy import CPU, DEVICE, DISK, CompressionConfig
-from .checkpoint import drop_page_cache, read_exact
+from .checkpoint import drop_page_cache, read_exact, write_back
 from .prefetch import IOWorker
 
 
@@ -64,7 +64,9 @@ class DenseKVStorage:
 
 class DiskKVStorage:
     """All parts in one file, each in its own token-major region (capacity, batch, heads, ...)
-    so that appending a token is one contiguous write per part; reads drop the page cache."""
+    so that appending a token is one contiguous write per part. Writes are written back at
+    once and reads drop the page cache: the cache costs no hidden memory, and every read
+    comes from the disk, as the cost model prices it."""
 
     def __init__(self, directory: Path, compute_device: torch.device):
         directory.mkdir(parents=True, exist_ok=True)
@@ -84,13 +86,14 @@ class DiskKVStorage:
                 row = (p.shape[0], p.shape[1], *p.shape[3:])
                 self.layout.append((row, p.dtype, offset))
                 offset += capacity * _row_bytes(row, p.dtype)
-            os.ftruncate(self.fd, offset)
+            _allocate(self.fd, offset)
         for (row, dtype, region), part in zip(self.layout, parts):
             rows = part.movedim(2, 0).contiguous().cpu()  # (tokens, batch, heads, ...)
             data = rows.view(-1).view(torch.uint8).numpy()
             offset, written = region + start * _row_bytes(row, dtype), 0
             while written < data.nbytes:
                 written += os.pwrite(self.fd, data[written:], offset + written)
+            write_back(self.fd, offset, data.nbytes)
 
     def read(self, end: int, parts=None, device: torch.device | None = None) -> list[torch.Tensor]:
         out = []
@@ -118,6 +121,15 @@ class DiskKVStorage:
             os.close(self.fd)
             os.unlink(self.path)
             self.fd = None
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks up front (appends then write data only), where the file
+    system can; else just set the size."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except (AttributeError, OSError):
+        os.ftruncate(fd, size)
 
 
 def _row_bytes(row: tuple[int, ...], dtype: torch.dtype) -> int:

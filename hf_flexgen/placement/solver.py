@@ -15,6 +15,7 @@ from ..policy import CPU, DEVICE, DISK, HOMES, Policy
 from .cost_model import (WORKING_MARGIN, Estimate, Formulas, LayerCosts, ModelLayout, Workload,
                          estimate, memory_terms, peak_memory)
 from .hardware import HardwareProfile
+from .limits import with_headroom
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +48,12 @@ def plan(layout: ModelLayout, workload: Workload, hw: HardwareProfile, limits: d
     base = base or Policy(overlap=True)
     args = (layout, workload, hw, compute_itemsize, baseline_bytes)
     check_minimum(base, limits, *args)
-    found: dict[tuple, Estimate] = {}
-    for b, k in block_shapes(workload.num_prompts):
-        shaped = replace(base, gpu_batch_size=b, num_gpu_batches=k)
-        fractions = solve_lp(shaped, limits, *args, measured=measured)
-        if fractions is None:
-            continue
-        fitted = fit(to_policy(shaped, fractions), limits, *args, measured=measured)
-        if fitted is not None:
-            fitted = climb(fitted, limits, *args, measured=measured)
-        if fitted is not None:
-            found.setdefault(_placement(fitted.policy), fitted)
+    found = search(base, with_headroom(limits), args, workload, measured)
+    if not found:
+        logger.warning("no policy fits below the cpu limit with page-cache headroom; planning up to "
+                       "the limit itself, where the kernel's reclaim may slow the run: raise "
+                       "max_memory['cpu'] for full speed")
+        found = search(base, limits, args, workload, measured)
     if not found:
         raise PlacementError(
             "no block shape fits the memory limits even though the smallest one should; "
@@ -69,6 +65,22 @@ def plan(layout: ModelLayout, workload: Workload, hw: HardwareProfile, limits: d
     logger.info("policy=auto chose %s: %.2f tok/s predicted, peak %s", describe(ranked[0].policy),
                 ranked[0].throughput, format_limits(ranked[0].peak_bytes))
     return Plan(ranked[0], tuple(ranked[1:1 + runners_up]), limits, workload)
+
+
+def search(base: Policy, limits, args, workload: Workload, measured) -> dict[tuple, Estimate]:
+    """The best fitting policy of every block shape, by placement."""
+    found: dict[tuple, Estimate] = {}
+    for b, k in block_shapes(workload.num_prompts):
+        shaped = replace(base, gpu_batch_size=b, num_gpu_batches=k)
+        fractions = solve_lp(shaped, limits, *args, measured=measured)
+        if fractions is None:
+            continue
+        fitted = fit(to_policy(shaped, fractions), limits, *args, measured=measured)
+        if fitted is not None:
+            fitted = climb(fitted, limits, *args, measured=measured)
+        if fitted is not None:
+            found.setdefault(_placement(fitted.policy), fitted)
+    return found
 
 
 def block_shapes(num_prompts: int):
