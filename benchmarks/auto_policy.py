@@ -20,6 +20,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -151,6 +152,15 @@ def run_one(scenario: Scenario, checkpoint: Path, policy, tag: str, tmp: Path, t
     return row
 
 
+def measure_profiles(scenario: Scenario, checkpoint: Path) -> None:
+    """Measure (or load) the machine's profile and the model's layer costs once, outside any
+    cgroup and any timing, by planning the scenario with the CLI."""
+    subprocess.run([sys.executable, "-m", "hf_flexgen.cli", "plan", "--model", str(checkpoint),
+                    "--prompt-len", str(scenario.prompt_len), "--gen-len", str(scenario.gen_len),
+                    "--num-prompts", str(scenario.num_prompts), "--max-memory", f"cpu={scenario.cap}"],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
 def grid(scenario: Scenario):
     for b, k, (wg, wc), c in itertools.product(scenario.grid_batches, GRID_MICRO_BATCHES,
                                                scenario.grid_weights, GRID_CACHE):
@@ -266,6 +276,8 @@ def main(argv=None) -> int:
         from hf_flexgen.memory.resolve import cache_root
         shutil.rmtree(cache_root() / "hardware", ignore_errors=True)
     chosen = [s for s in SCENARIOS if not args.scenarios or s.name in args.scenarios]
+    for scenario in chosen:  # every auto run then plans with the same, cached measurements
+        measure_profiles(scenario, checkpoint_for(scenario.model, args.ckpt_root))
     for scenario in chosen:
         rows = [r for r in rows if r["scenario"] != scenario.name]
         checkpoint = checkpoint_for(scenario.model, args.ckpt_root)

@@ -138,11 +138,11 @@ def test_memory_terms_match_engine_allocations(tiny_checkpoint, half_checkpoint,
         held = model.store.bytes_by_home()
         assert terms.weights[DEVICE] + terms.weights[CPU] == held[DEVICE] + held[CPU]
         staged = model.store.staging_bytes()
-        largest_disk = max((s.numel * (model.store.index.locations[s.key].dtype.itemsize)
-                            for s in model.store.all_specs() if s.home == DISK
-                            and not model.store._is_compressed(s)), default=0)
-        if not policy.compress_weight:
-            assert terms.weight_stream_ram - largest_disk == staged
+        store = model.store
+        largest_disk = max((store.compressed.nbytes(s.key) if store._is_compressed(s)
+                            else s.numel * store.index.locations[s.key].dtype.itemsize
+                            for s in store.all_specs() if s.home == DISK), default=0)
+        assert terms.weight_stream_ram - largest_disk == staged
         assert kv_by_home == {h: terms.kv_cache[h] for h in (DEVICE, CPU, DISK)}
     finally:
         model.close()

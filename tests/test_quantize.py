@@ -158,3 +158,32 @@ def test_empty_and_bad_inputs():
         quantize(torch.zeros(4), cfg)
     with pytest.raises(TypeError):
         quantize(torch.zeros(4, 4, dtype=torch.int32), cfg)
+
+
+def reference_dequantize(q: QuantizedTensor) -> np.ndarray:
+    """Plain numpy: unpack each byte's low then high nibble, code * scale + minimum per group,
+    drop the padding, move the grouped dimension back."""
+    codes = q.data.numpy()
+    if q.config.num_bits == 4:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(*codes.shape[:-1], -1)
+    values = codes.astype(np.float32) * q.scale.numpy().astype(np.float32)[..., None] \
+        + q.minimum.numpy().astype(np.float32)[..., None]
+    dim = q.config.group_dim % len(q.shape)
+    values = values.reshape(*values.shape[:-2], -1)[..., : q.shape[dim]]
+    return np.moveaxis(values, -1, dim)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+@pytest.mark.parametrize("shape", [(64, 96), (37, 70), (3, 5, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantize_into_a_buffer_matches_reference(bits, dim, shape, dtype):
+    """Into a caller's buffer (in place for the last dimension, else through one copy)."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    q = quantize(x, CompressionConfig(num_bits=bits, group_size=16, group_dim=dim))
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    got = dequantize(q, dtype, out=out)
+    assert got is out
+    expected = torch.from_numpy(np.ascontiguousarray(reference_dequantize(q))).to(dtype)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dequantize(q, dtype), expected, rtol=1e-6, atol=1e-6)

@@ -108,16 +108,18 @@ class WeightStore:
         fp32 for a half checkpoint), converted per use; the device home holds the compute dtype."""
         return self.device.type == "cpu" and spec.home == CPU
 
-    def fetch(self, stage: int) -> dict[str, torch.Tensor]:
+    def fetch(self, stage: int) -> dict:
         """One stage's weights, keyed by HF parameter name: on the compute device in the
         compute dtype, except on CPU, where disk and cpu homes hand over the stored dtype and
-        :meth:`to_compute` converts them. Runs on the I/O worker."""
+        compressed weights their ``QuantizedTensor``; :meth:`to_compute` converts them. Runs
+        on the I/O worker."""
         out = {}
         for spec in self.stages[stage]:
             if self._is_compressed(spec):
                 q = (self.compressed.read(spec.key) if spec.home == DISK
                      else self._resident[(spec.key, spec.home)])
-                out[spec.name] = dequantize(q.to(self.device, non_blocking=True), self.dtype)
+                out[spec.name] = (q if self.device.type == "cpu" else
+                                  dequantize(q.to(self.device, non_blocking=True), self.dtype))
             elif spec.home == DISK:
                 out[spec.name] = self._read_from_disk(spec, stage)
             elif self._keeps_stored_dtype(spec):
@@ -127,18 +129,23 @@ class WeightStore:
                     self.device, self.dtype, non_blocking=True)
         return out
 
-    def to_compute(self, stage: int, fetched: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Convert what :meth:`fetch` handed over to the compute dtype, on the compute thread
-        (on CPU a conversion on the I/O thread would start a second OpenMP team competing for
-        the same cores). Converted tensors go to one staging buffer per tensor role, reused
-        from stage to stage; a buffer that already holds the tensor is not converted again."""
+    def to_compute(self, stage: int, fetched: dict) -> dict[str, torch.Tensor]:
+        """Convert what :meth:`fetch` handed over to the compute dtype (casting, or
+        dequantizing compressed weights), on the compute thread (on CPU a conversion on the
+        I/O thread would start a second OpenMP team competing for the same cores). Converted
+        tensors go to one staging buffer per tensor role, reused from stage to stage; a
+        buffer that already holds the tensor is not converted again."""
         out = {}
         for spec in self.stages[stage]:
             tensor = fetched[spec.name]
-            if tensor.dtype != self.dtype and tensor.dtype.is_floating_point:
-                buffer = self._buffer(("compute", self._role(spec, None)), self.dtype, tensor.shape)
+            quantized = isinstance(tensor, QuantizedTensor)
+            if quantized or (tensor.dtype != self.dtype and tensor.dtype.is_floating_point):
+                buffer = self._buffer(("compute", self._role(spec, None)), self.dtype, tuple(tensor.shape))
                 if self._holds.get(id(buffer)) != spec.key:
-                    buffer.copy_(tensor)
+                    if quantized:
+                        dequantize(tensor, self.dtype, out=buffer)
+                    else:
+                        buffer.copy_(tensor)
                     self._holds[id(buffer)] = spec.key
                 tensor = buffer
             out[spec.name] = tensor

@@ -11,6 +11,7 @@ fp32 rounding) for its group's stored scale. Inputs must lie within the fp16 ran
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,17 +85,26 @@ def quantize(x: torch.Tensor, config: CompressionConfig) -> QuantizedTensor:
     return QuantizedTensor(codes.contiguous(), scale, minimum, tuple(x.shape), config)
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`quantize`: a ``q.shape`` tensor of ``dtype`` on ``q.data``'s device."""
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize`: a ``q.shape`` tensor of ``dtype`` on ``q.data``'s device,
+    written into ``out`` (contiguous, ``q.shape``) when given. Groups along the last
+    dimension dequantize in place in an fp32 ``out``, with no temporary of its size."""
     dim = _group_dim(len(q.shape), q.config)
     codes = q.data                                                  # (..., n_groups, g or g // 2)
+    grouped = (*codes.shape[:-1], codes.shape[-1] * (2 if q.config.num_bits == 4 else 1))
+    in_place = (out is not None and out.dtype == torch.float32 and out.is_contiguous()
+                and dim == len(q.shape) - 1 and math.prod(grouped) == out.numel())
+    v = out.view(grouped) if in_place else torch.empty(grouped, dtype=torch.float32, device=codes.device)
     if q.config.num_bits == 4:  # unpack straight into the fp32 result (no stacked temporaries)
-        v = torch.empty(*codes.shape[:-1], 2 * codes.shape[-1], dtype=torch.float32,
-                        device=codes.device)                        # (..., n_groups, g)
         v[..., 0::2] = codes & 0x0F
         v[..., 1::2] = codes >> 4
     else:
-        v = codes.float()
-    v.mul_(q.scale.float()[..., None]).add_(q.minimum.float()[..., None])
-    v = v.flatten(-2)[..., : q.shape[dim]]                          # (..., n)
-    return v.movedim(-1, dim).to(dtype).contiguous()
+        v.copy_(codes)
+    torch.addcmul(q.minimum.float()[..., None], v, q.scale.float()[..., None], out=v)
+    if in_place:
+        return out
+    v = v.flatten(-2)[..., : q.shape[dim]].movedim(-1, dim)        # q.shape, maybe strided
+    if out is None:
+        return v.to(dtype).contiguous()
+    return out.copy_(v)

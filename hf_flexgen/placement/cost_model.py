@@ -404,14 +404,15 @@ def memory_terms(policy: Policy, layout: ModelLayout, workload: Workload, hw: Ha
             quantized = p.compress_weight and t.quantizable
             if home == DISK:
                 largest_disk = max(largest_disk, f.weight_bytes([t], p.compress_weight)[1])
-            if hw.is_cpu_only and not quantized:
+            if hw.is_cpu_only:
                 # the CPU engine's staging buffers: raw reads per (stage parity, layer-local
-                # role), compute-dtype copies per role; a shared tensor has one of each
+                # role), compute-dtype copies (casts, dequantized weights) per role; a shared
+                # tensor has one of each
                 role = (t.key,) if lay.shared(t.key) else (t.role,)
-                if home == DISK:
+                if home == DISK and not quantized:
                     slot = () if lay.shared(t.key) else (j % 2,)
                     staging[("raw", *slot, *role)] = direct_span(t.numel * t.storage_itemsize)
-                if home != DEVICE and t.storage_itemsize != cb:
+                if quantized or (home != DEVICE and t.storage_itemsize != cb):
                     staging[("compute", *role)] = t.numel * cb
             if home == DISK or (t.key, home) in seen:
                 continue
@@ -435,12 +436,13 @@ def memory_terms(policy: Policy, layout: ModelLayout, workload: Workload, hw: Ha
     act = {h: b * s * lay.hidden * cb * act_units.count(h) for h in HOMES}
     # one layer's prefill temporaries for one micro-batch (q, k, v, attention output,
     # residuals, MLP intermediates), the head's logits and sampling copies, cache reads in
-    # flight, and compressed weights dequantized into fresh tensors (this stage and the next)
+    # flight, and (off a CPU device) compressed weights dequantized into fresh tensors on the
+    # I/O worker (this stage and the next)
     gated = 3 if any("gate" in t.role for st in lay.stages[1:-1] for t in st) else 2
     layer_tmp = b * s * (6 * lay.hidden + gated * lay.intermediate) * cb
     head_tmp = 4 * b * lay.vocab * 4
     kv_tmp = 3 * 2 * b * capacity * lay.kv_heads * lay.head_dim * cb if DISK in cache_homes else 0
-    dequantized = 2 * max(stage_bytes) if p.compress_weight else 0
+    dequantized = 2 * max(stage_bytes) if p.compress_weight and not hw.is_cpu_only else 0
     working = max(layer_tmp, head_tmp) + kv_tmp + dequantized
     disk_fixed = int(sum(f.weight_bytes(st, True)[1] for st in lay.stages)) if p.compress_weight else 0
     return MemoryTerms(baseline, resident, stream_ram,
