@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--gen-len", type=int, default=16)
     parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES),
+                        help="cases run at --num-prompts (none: probes only)")
     parser.add_argument("--probe-blocks", type=int, nargs="*", default=[],
                         help="block sizes to try (prompt/gen as above) for the largest that fits")
     parser.add_argument("--probe-cases", nargs="+", choices=list(CASES), default=["none", "w4 + kv4"])
