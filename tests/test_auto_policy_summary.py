@@ -6,6 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import auto_policy  # noqa: E402
 from auto_policy import summarize  # noqa: E402
 
 
@@ -33,3 +34,12 @@ def test_a_policy_killed_in_any_repeat_is_not_the_best():
     rows = [run("auto", 9.0), run("grid0", 12.0), run("grid0#2", 0, "killed at cap"), run("grid1", 5.0)]
     (summary,) = summarize(rows)
     assert summary["grid_best"] == "grid1" and summary["auto_vs_grid_best"] == pytest.approx(1.8)
+
+
+def test_grid_policies_above_the_cap_in_rss_are_compared_apart(monkeypatch):
+    monkeypatch.setitem(auto_policy.CAPS, "s", 2**30)
+    rows = [run("auto", 9.0), run("grid0", 12.0, peak=2**30 + 1), run("grid1", 10.0)]
+    (summary,) = summarize(rows)
+    assert summary["auto_vs_grid_best"] == pytest.approx(0.75)
+    assert summary["grid_best_within_cap_tok_s"] == 10.0
+    assert summary["auto_vs_grid_best_within_cap"] == pytest.approx(0.9)
