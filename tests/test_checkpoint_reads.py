@@ -95,3 +95,19 @@ def test_write_back_of_nothing_is_a_no_op(tmp_path, monkeypatch):
         checkpoint.write_back(fd, 0, 0)
     finally:
         os.close(fd)
+
+
+def test_disk_kv_cache_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from hf_flexgen.memory.kv_cache import DiskKVStorage
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    storage = DiskKVStorage(tmp_path, torch.device("cpu"))
+    try:
+        with pytest.raises(OSError, match="no room for a .* KV cache file in the offload directory"):
+            storage.write(0, [torch.ones(2, 2, 3, 4)], capacity=8)
+    finally:
+        storage.close()

@@ -3,6 +3,7 @@ with each layer's keys and values stored in a home: the compute device, host RAM
 in the offload directory. It moves and stores tensors; attention maths lives in ops/."""
 from __future__ import annotations
 
+import errno
 import math
 import os
 import tempfile
@@ -125,10 +126,16 @@ class DiskKVStorage:
 
 def _allocate(fd: int, size: int) -> None:
     """Reserve the file's blocks up front (appends then write data only), where the file
-    system can; else just set the size."""
+    system can; else just set the size. A full disk is an error now, not mid-generation."""
     try:
         os.posix_fallocate(fd, 0, size)
-    except (AttributeError, OSError):
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(error.errno, f"no room for a {size / 2**20:.1f} MiB KV cache file in the "
+                          "offload directory; free disk space, point offload_dir elsewhere, or "
+                          "lower max_memory['disk'] so less of the cache goes to disk") from error
+        os.ftruncate(fd, size)  # file systems without fallocate
+    except AttributeError:
         os.ftruncate(fd, size)
 
 
