@@ -255,6 +255,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -267,7 +274,7 @@ def main(argv=None) -> int:
     parser.add_argument("--refresh-profile", action="store_true",
                         help="measure the machine and the layers again before the first run")
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=positive_int, default=3,
                         help="runs of the auto policy and of the grid's two fastest (median compared)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/auto_policy.json"))
     args = parser.parse_args(argv)
