@@ -36,8 +36,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cgroup import drop_caches, parse_bytes  # noqa: E402
 
@@ -55,7 +53,11 @@ class Hardware:
     extra: dict                    # e.g. half-precision matmul FLOP/s, file measured
 
 
-def measure_matmul(n: int = 4096, reps: int = 3, dtype=torch.float32) -> float:
+# torch is imported by the measurements only: vs_accelerate.py's parent uses the rest and
+# must not map torch's libraries (see vs_accelerate.measured_hardware)
+def measure_matmul(n: int = 4096, reps: int = 3, dtype=None) -> float:
+    import torch
+    dtype = dtype or torch.float32
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.matmul(a, b)  # warm-up
     best = math.inf
@@ -90,6 +92,7 @@ def measure_disk_read(path: Path, limit_bytes: int = 2**30, chunk: int = 64 * 2*
 
 
 def measure_memcpy(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
+    import torch
     src = torch.ones(nbytes // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -102,6 +105,7 @@ def measure_memcpy(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
 
 
 def measure_hardware(disk_file: Path, half_matmul: bool = True) -> Hardware:
+    import torch
     extra = {"disk_file": str(disk_file)}
     flops = measure_matmul()
     if half_matmul:  # small size: half-precision matmuls can be very slow on CPUs

@@ -37,10 +37,13 @@ import resource
 import shutil
 import sys
 import time
+import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's hf_flexgen
 from cgroup import cgroup_available, format_gib, parse_bytes, run_in_cgroup  # noqa: E402
 
@@ -191,6 +194,9 @@ def _first_token_timer():
     return FirstTokenTimer()
 
 
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
 def accelerate_kv_bytes(w: Workload, batch: int, config, itemsize: int) -> int:
     return (2 * config.num_hidden_layers * config.hidden_size * batch
             * (w.prompt_len + w.gen_len) * itemsize)
@@ -200,8 +206,7 @@ def accelerate_max_memory(spec: RunSpec, config, c: AccelerateConfig) -> dict:
     """max_memory for weights: the budget of the device holding the KV cache minus the
     cache (plus one layer's worth: the DynamicCache grows by torch.cat) and prefill
     activations; host RAM also keeps the runtime floor free."""
-    import torch
-    itemsize = getattr(torch, c.dtype).itemsize
+    itemsize = ITEMSIZE[c.dtype]
     w = spec.workload
     kv = accelerate_kv_bytes(w, c.batch_size, config, itemsize) * (1 + 1 / config.num_hidden_layers)
     ffn = getattr(config, "ffn_dim", None) or getattr(config, "intermediate_size", 4 * config.hidden_size)
@@ -427,8 +432,7 @@ def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget,
     gives the same ``max_memory`` as one already killed is skipped); when all are killed,
     the last is re-run at escalated budgets. Once a batch size hits the time limit, smaller
     ones (which read the offloaded weights more often) are listed as not run."""
-    from transformers import AutoConfig
-    model_config = AutoConfig.from_pretrained(w.checkpoint)
+    model_config = SimpleNamespace(**json.loads((Path(w.checkpoint) / "config.json").read_text()))
     stopped: dict[str, int] = {}
     for i, group in enumerate(groups):
         dtype = group[0].dtype
@@ -595,25 +599,28 @@ def main(argv=None) -> int:
         return worker_main(args.worker, args.result)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = "cuda" if args.scenario == "gpu" else "cpu"
-    if device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            logger.error("scenario gpu needs a CUDA device (torch.cuda.is_available() is False)")
-            return 2
+    if device == "cuda" and _python("import torch; print(torch.cuda.is_available())").strip() != "True":
+        logger.error("scenario gpu needs a CUDA device (torch.cuda.is_available() is False)")
+        return 2
     if not cgroup_available():
         logger.error("needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
         return 2
-    from make_checkpoint import make_checkpoint
-    from roofline import ModelShape, Workload as RoofWorkload, measure_hardware, roofline
+    from roofline import Hardware, ModelShape, Workload as RoofWorkload, roofline
 
-    checkpoint = make_checkpoint(args.model, Path(args.checkpoint_root) / args.model)
+    checkpoint = Path(args.checkpoint_root) / args.model
+    subprocess.run([sys.executable, str(HERE / "make_checkpoint.py"), args.model, "--out",
+                    str(checkpoint)], check=True, stdout=subprocess.DEVNULL)
     w = Workload(args.model, str(checkpoint), args.prompt_len, args.gen_len, args.num_prompts, args.seed)
     budget = parse_bytes(args.budget)
     gpu_budget = parse_bytes(args.gpu_budget) if args.gpu_budget else None
     out = Path(args.out)
     settings = Settings(out.parent, args.max_run_s, args.timeout_factor, args.budget_step,
                         int(budget * args.max_budget_factor))
-    hw = measure_hardware(max(Path(checkpoint).glob("*.safetensors"), key=lambda p: p.stat().st_size))
+    hw = Hardware(**json.loads(_python(
+        "import json, sys; from dataclasses import asdict; sys.path.insert(0, %r); "
+        "from roofline import measure_hardware; print(json.dumps(asdict(measure_hardware(%r))))"
+        % (str(HERE), str(max(checkpoint.glob("*.safetensors"), key=lambda p: p.stat().st_size))))
+        .strip().splitlines()[-1]))
     shape = ModelShape.from_checkpoint(Path(checkpoint))
     roof_w = RoofWorkload(w.num_prompts, w.prompt_len, w.gen_len)
     roof_fn = lambda b: roofline(shape, roof_w, hw, b)  # noqa: E731
@@ -638,6 +645,9 @@ def main(argv=None) -> int:
         logger.info("wrote %s", out)
         return report
 
+    # the parent never imports torch: pages of shared libraries it had mapped would stay
+    # resident and charged to its own cgroup, so a run could exceed its budget by them unseen
+    assert "torch" not in sys.modules, "the parent must not import torch (see _python)"
     if args.only != ACCELERATE:
         cache_cpu = [float(c) for c in args.flexgen_cache_cpu.split(",")]
         configs = flexgen_configs(w, not args.no_overlap, device, cache_cpu, args.flexgen_dtypes,
@@ -666,6 +676,12 @@ def main(argv=None) -> int:
     print(f"roofline at {format_gib(budget)}: {report['roofline']['roofline_tok_s']:.2f} tok/s "
           f"({report['roofline']['bound']}-bound)")
     return 0
+
+
+def _python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter and return what it printed."""
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True).stdout
 
 
 def serial_twin(best: dict, rows: list[dict]) -> dict:
