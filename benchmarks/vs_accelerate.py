@@ -426,6 +426,19 @@ def accelerate_configs(w: Workload, dtypes: list[str], floors_gib: list[float],
             for d in dtypes for s in sorted(sizes, reverse=True)]
 
 
+def earlier_rows(rows: list[dict], peer: str, label: str, budget: int) -> list[dict]:
+    """Rows of an earlier invocation (``--resume``) for this configuration at this budget,
+    with the escalated re-runs that followed them."""
+    first = [i for i, r in enumerate(rows) if r.get("resumed") and r["peer"] == peer
+             and r["label"] == label and r["budget_bytes"] == budget]
+    if not first:
+        return []
+    out = [rows[first[0]]]
+    out += [r for r in rows[first[0] + 1:] if r.get("resumed") and r["peer"] == peer
+            and r["label"] == label and r.get("escalated_from_bytes") == budget]
+    return out
+
+
 def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget, save) -> None:
     """Largest batch first. For each batch size, ``max_memory`` is part of Accelerate's best
     settings: its floors are tried in order at the budget until one survives (a floor that
@@ -445,6 +458,14 @@ def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget,
         tried, new = [], []
         for j, c in enumerate(group):
             spec = RunSpec(ACCELERATE, asdict(c), w, budget, device=device, gpu_budget_bytes=gpu_budget)
+            done = earlier_rows(rows, ACCELERATE, c.label(), budget)
+            if done:
+                logger.info("resumed: %s at %s: %s", c.label(), format_gib(budget), done[-1]["status"])
+                new.extend(done)
+                if done[0]["status"] != "killed at budget" or len(done) > 1:
+                    break
+                tried.append(accelerate_max_memory(spec, model_config, c))
+                continue
             max_memory = accelerate_max_memory(spec, model_config, c)
             if max_memory in tried:
                 logger.info("skipping %s floor %.2f GiB: same max_memory as a run killed already",
@@ -463,7 +484,11 @@ def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget,
             rows.extend(escalated)
             new.extend(escalated)
             save()
-        if any(r["status"].startswith("time limit") for r in new):
+        # a batch stopped by a time limit that a finished run set can no longer win, and a
+        # smaller batch re-reads the offloaded weights more often; one stopped only by the
+        # overall cap (nothing finished yet) may be thrashing at the budget: try smaller ones
+        if any(r["status"].startswith("time limit") and r["time_limit_s"] < settings.max_run_s
+               for r in new):
             stopped[dtype] = group[0].batch_size
 
 
@@ -583,6 +608,8 @@ def parse_args(argv):
     parser.add_argument("--budget-step", type=float, default=1.5)
     parser.add_argument("--max-budget-factor", type=float, default=4.0)
     parser.add_argument("--out", default="benchmarks/results/vs_accelerate_cpu.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --out (same workload and budget) and run the rest")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -627,6 +654,13 @@ def main(argv=None) -> int:
     dtypes = _usable_dtypes(args.accelerate_dtypes.split(","), hw, device)
 
     rows: list[dict] = []
+    if args.resume and out.exists():  # a long comparison never loses finished runs
+        earlier = json.loads(out.read_text())
+        if earlier["workload"] != asdict(w) or earlier["budget_bytes"] != budget:
+            logger.error("--resume: %s holds another workload or budget; use another --out", out)
+            return 2
+        rows = [{**r, "resumed": True} for r in earlier["runs"] if not r.get("status", "").startswith("not run")]
+        logger.info("resumed %d runs from %s", len(rows), out)
     load_start = os.getloadavg()
 
     def save() -> dict:
@@ -654,11 +688,16 @@ def main(argv=None) -> int:
                                   args.flexgen_auto)
         for i, c in enumerate(configs):
             spec = RunSpec(FLEXGEN, asdict(c), w, budget, device=device, gpu_budget_bytes=gpu_budget)
+            if earlier_rows(rows, FLEXGEN, spec.label(), budget):
+                logger.info("resumed: %s", spec.label())
+                continue
             rows.extend(run_with_escalation(spec, time_limit(rows, FLEXGEN, settings, budget),
                                             settings, f"flex{i}"))
             save()
         best = _best(rows, FLEXGEN)
-        if args.overlap_off_too and best and best["config"]["overlap"]:
+        if args.overlap_off_too and best and best["config"]["overlap"] and not any(
+                r.get("resumed") and r["peer"] == FLEXGEN and not r["config"].get("overlap", True)
+                for r in rows):
             spec = RunSpec(FLEXGEN, serial_twin(best, rows), w, best["budget_bytes"],
                            device=device, gpu_budget_bytes=gpu_budget)
             rows.extend(run_with_escalation(spec, settings.max_run_s, settings, "flex_serial"))
