@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cgroup import cgroup_available, format_gib, parse_bytes, run_in_cgroup  # noqa: E402
+from cgroup import (assert_torch_free, cgroup_available, format_gib,  # noqa: E402
+                    make_checkpoint_outside, parse_bytes, run_in_cgroup, run_python)
 
 logger = logging.getLogger("auto_policy")
 
@@ -114,22 +115,11 @@ def child(spec: dict, result_path: str) -> int:
 
 # -- parent --------------------------------------------------------------------------------
 def checkpoint_for(model: str, root: Path) -> Path:
-    """The scenario's checkpoint, made (or found) by a subprocess: see ``_python``."""
+    """The scenario's checkpoint, made (or found) outside this torch-free parent."""
     if model == "smollm2":
-        return Path(_python("from hf_flexgen.default_model import default_model_dir; "
-                            "print(default_model_dir())").strip().splitlines()[-1])
-    out = root / model
-    subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "make_checkpoint.py"),
-                    model, "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
-    return out
-
-
-def _python(code: str) -> str:
-    """Run ``code`` in a fresh interpreter. The parent never imports torch: pages of shared
-    libraries it had mapped would stay resident and charged to the parent's cgroup, so a
-    child's RSS could exceed its cap by them (~100 MB) without the cap ever seeing them."""
-    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                          text=True).stdout
+        return Path(run_python("from hf_flexgen.default_model import default_model_dir; "
+                               "print(default_model_dir())").strip().splitlines()[-1])
+    return make_checkpoint_outside(model, root / model)
 
 
 def run_one(scenario: Scenario, checkpoint: Path, policy, tag: str, tmp: Path, timeout_s: float) -> dict:
@@ -300,7 +290,7 @@ def main(argv=None) -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     if args.refresh_profile:
-        _python("import shutil; from hf_flexgen.memory.resolve import cache_root; "
+        run_python("import shutil; from hf_flexgen.memory.resolve import cache_root; "
                 "shutil.rmtree(cache_root() / 'hardware', ignore_errors=True)")
     chosen = [s for s in SCENARIOS if not args.scenarios or s.name in args.scenarios]
     for scenario in chosen:  # every auto run then plans with the same, cached measurements
@@ -321,7 +311,7 @@ def main(argv=None) -> int:
                 mine.append(run_one(scenario, checkpoint, first["requested"], f"{first['tag']}#{n}",
                                     tmp, args.timeout))
         rows += mine
-        assert "torch" not in sys.modules, "the parent must not import torch (see _python)"
+        assert_torch_free()
         summary = summarize(rows)
         args.out.write_text(json.dumps({"scenarios": [asdict(s) for s in SCENARIOS],
                                         "summary": summary, "runs": rows}, indent=1))

@@ -3,6 +3,12 @@
 Needs root and the v1 memory controller at /sys/fs/cgroup/memory. The child joins the
 cgroup before it execs (so imports count too); swap is ruled out by setting
 ``memory.memsw.limit_in_bytes`` to the same budget (where present) and swappiness 0.
+
+A parent that starts capped runs must not import torch itself: the pages of shared libraries
+it maps stay resident and are charged to its own cgroup, so a child mapping the same pages
+would hold them in its RSS without its cap ever seeing them (about 100 MB). Such parents do
+that work through ``run_python`` and ``make_checkpoint_outside`` and call
+``assert_torch_free`` before their runs.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -34,6 +41,27 @@ def parse_bytes(text: str | int) -> int:
     if unit not in _UNITS:
         raise ValueError(f"cannot parse a byte size from {text!r}")
     return int(float(number) * _UNITS[unit])
+
+
+def run_python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter and return what it printed."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"helper interpreter failed (exit {done.returncode}) running "
+                           f"{code[:80]!r}...:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def make_checkpoint_outside(model: str, out: Path) -> Path:
+    """``make_checkpoint.py MODEL --out OUT`` in a subprocess (it imports torch)."""
+    script = Path(__file__).resolve().parent / "make_checkpoint.py"
+    subprocess.run([sys.executable, str(script), model, "--out", str(out)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
+def assert_torch_free() -> None:
+    assert "torch" not in sys.modules, "a parent of capped runs must not import torch (see cgroup.py)"
 
 
 def format_gib(n: int) -> str:

@@ -54,7 +54,7 @@ class Hardware:
 
 
 # torch is imported by the measurements only: vs_accelerate.py's parent uses the rest and
-# must not map torch's libraries (see vs_accelerate.measured_hardware)
+# must stay torch-free (see cgroup.py); it measures through a subprocess
 def measure_matmul(n: int = 4096, reps: int = 3, dtype=None) -> float:
     import torch
     dtype = dtype or torch.float32

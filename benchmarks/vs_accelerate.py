@@ -37,15 +37,15 @@ import resource
 import shutil
 import sys
 import time
-import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's hf_flexgen
-from cgroup import cgroup_available, format_gib, parse_bytes, run_in_cgroup  # noqa: E402
+sys.path.insert(1, str(HERE.parent))  # this checkout's hf_flexgen
+from cgroup import (assert_torch_free, cgroup_available, format_gib,  # noqa: E402
+                    make_checkpoint_outside, parse_bytes, run_in_cgroup, run_python)
 
 logger = logging.getLogger("vs_accelerate")
 
@@ -429,14 +429,12 @@ def accelerate_configs(w: Workload, dtypes: list[str], floors_gib: list[float],
 def earlier_rows(rows: list[dict], peer: str, label: str, budget: int) -> list[dict]:
     """Rows of an earlier invocation (``--resume``) for this configuration at this budget,
     with the escalated re-runs that followed them."""
-    first = [i for i, r in enumerate(rows) if r.get("resumed") and r["peer"] == peer
-             and r["label"] == label and r["budget_bytes"] == budget]
-    if not first:
+    first = next((i for i, r in enumerate(rows) if r.get("resumed") and r["peer"] == peer
+                  and r["label"] == label and r["budget_bytes"] == budget), None)
+    if first is None:
         return []
-    out = [rows[first[0]]]
-    out += [r for r in rows[first[0] + 1:] if r.get("resumed") and r["peer"] == peer
-            and r["label"] == label and r.get("escalated_from_bytes") == budget]
-    return out
+    return [rows[first]] + [r for r in rows[first + 1:] if r.get("resumed") and r["peer"] == peer
+                            and r["label"] == label and r.get("escalated_from_bytes") == budget]
 
 
 def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget, save) -> None:
@@ -626,7 +624,7 @@ def main(argv=None) -> int:
         return worker_main(args.worker, args.result)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = "cuda" if args.scenario == "gpu" else "cpu"
-    if device == "cuda" and _python("import torch; print(torch.cuda.is_available())").strip() != "True":
+    if device == "cuda" and run_python("import torch; print(torch.cuda.is_available())").strip() != "True":
         logger.error("scenario gpu needs a CUDA device (torch.cuda.is_available() is False)")
         return 2
     if not cgroup_available():
@@ -634,16 +632,14 @@ def main(argv=None) -> int:
         return 2
     from roofline import Hardware, ModelShape, Workload as RoofWorkload, roofline
 
-    checkpoint = Path(args.checkpoint_root) / args.model
-    subprocess.run([sys.executable, str(HERE / "make_checkpoint.py"), args.model, "--out",
-                    str(checkpoint)], check=True, stdout=subprocess.DEVNULL)
+    checkpoint = make_checkpoint_outside(args.model, Path(args.checkpoint_root) / args.model)
     w = Workload(args.model, str(checkpoint), args.prompt_len, args.gen_len, args.num_prompts, args.seed)
     budget = parse_bytes(args.budget)
     gpu_budget = parse_bytes(args.gpu_budget) if args.gpu_budget else None
     out = Path(args.out)
     settings = Settings(out.parent, args.max_run_s, args.timeout_factor, args.budget_step,
                         int(budget * args.max_budget_factor))
-    hw = Hardware(**json.loads(_python(
+    hw = Hardware(**json.loads(run_python(
         "import json, sys; from dataclasses import asdict; sys.path.insert(0, %r); "
         "from roofline import measure_hardware; print(json.dumps(asdict(measure_hardware(%r))))"
         % (str(HERE), str(max(checkpoint.glob("*.safetensors"), key=lambda p: p.stat().st_size))))
@@ -679,9 +675,7 @@ def main(argv=None) -> int:
         logger.info("wrote %s", out)
         return report
 
-    # the parent never imports torch: pages of shared libraries it had mapped would stay
-    # resident and charged to its own cgroup, so a run could exceed its budget by them unseen
-    assert "torch" not in sys.modules, "the parent must not import torch (see _python)"
+    assert_torch_free()  # see cgroup.py
     if args.only != ACCELERATE:
         cache_cpu = [float(c) for c in args.flexgen_cache_cpu.split(",")]
         configs = flexgen_configs(w, not args.no_overlap, device, cache_cpu, args.flexgen_dtypes,
@@ -715,12 +709,6 @@ def main(argv=None) -> int:
     print(f"roofline at {format_gib(budget)}: {report['roofline']['roofline_tok_s']:.2f} tok/s "
           f"({report['roofline']['bound']}-bound)")
     return 0
-
-
-def _python(code: str) -> str:
-    """Run ``code`` in a fresh interpreter and return what it printed."""
-    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                          text=True).stdout
 
 
 def serial_twin(best: dict, rows: list[dict]) -> dict:
