@@ -441,8 +441,8 @@ def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget,
     """Largest batch first. For each batch size, ``max_memory`` is part of Accelerate's best
     settings: its floors are tried in order at the budget until one survives (a floor that
     gives the same ``max_memory`` as one already killed is skipped); when all are killed,
-    the last is re-run at escalated budgets. Once a batch size hits the time limit, smaller
-    ones (which read the offloaded weights more often) are listed as not run."""
+    the last is re-run at escalated budgets. Once a batch size hits a time limit that a finished
+    run set, smaller ones (which read the offloaded weights more often) are listed as not run."""
     model_config = SimpleNamespace(**json.loads((Path(w.checkpoint) / "config.json").read_text()))
     stopped: dict[str, int] = {}
     for i, group in enumerate(groups):
