@@ -62,8 +62,31 @@ CAPS = {s.name: parse_bytes(s.cap) for s in SCENARIOS}
 
 
 # -- child: one run in the cgroup --------------------------------------------------------
+class RssSampler:
+    """Peaks of the anonymous and the file-backed part of this process's RSS, sampled every
+    10 ms from /proc (the kernel keeps only the peak of their sum): tells the memory the
+    engine allocates from library pages touched and left mapped."""
+
+    FIELDS = ("RssAnon", "RssFile")
+
+    def __init__(self):
+        import threading
+        self.peaks = dict.fromkeys(self.FIELDS, 0)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    name, _, value = line.partition(":")
+                    if name in self.peaks:
+                        self.peaks[name] = max(self.peaks[name], int(value.split()[0]) * 1024)
+            time.sleep(0.01)
+
+
 def child(spec: dict, result_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sampler = RssSampler()
     import torch
 
     from hf_flexgen import FlexGenForCausalLM, Policy
@@ -96,6 +119,8 @@ def child(spec: dict, result_path: str) -> int:
         model = FlexGenForCausalLM.from_pretrained(spec["checkpoint"], policy=policy,
                                                    offload_dir=spec["offload_dir"])
     load_s = time.perf_counter() - t0
+    # the disk rate the prediction used (the run itself then teaches the profile its own)
+    planned_disk_read_bw = load_or_measure(torch.device("cpu"), torch.float32).disk_read_bw
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(4, model.config.vocab_size, (w.num_prompts, w.prompt_len), generator=gen)
     t1 = time.perf_counter()
@@ -107,7 +132,9 @@ def child(spec: dict, result_path: str) -> int:
               "tok_s": w.num_prompts * w.gen_len / generate_s, "stats": model.last_stats,
               "predicted_tok_s": predicted.throughput, "predicted_peak_bytes": predicted.peak_bytes["cpu"],
               "predicted_memory": asdict(predicted.memory), "baseline_rss_bytes": baseline,
-              "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "peak_rss_anon_bytes": sampler.peaks["RssAnon"], "peak_rss_file_bytes": sampler.peaks["RssFile"],
+              "planned_disk_read_bw": planned_disk_read_bw}
     model.close()
     Path(result_path).write_text(json.dumps(result))
     return 0

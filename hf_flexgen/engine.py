@@ -50,6 +50,7 @@ class EngineStats:
     io_wait_s: float = 0.0      # compute thread blocked on weight / KV I/O
     decode_io_wait_s: float = 0.0  # the part of io_wait_s spent in decode steps
     weight_bytes_read: int = 0  # from disk (checkpoint files read in place)
+    weight_read_s: float = 0.0  # seconds the I/O worker spent reading them
     kv_bytes_read: int = 0      # KV cache moved from its home to the compute device
     kv_bytes_stored: int = 0    # largest KV cache a block held (all homes, at its end)
     v_bytes_read: int = 0       # bytes of V attention read from the cache (sparsity reads fewer)
@@ -111,7 +112,7 @@ class BlockEngine:
     def run_block(self, micro_batches: list[MicroBatch], new_tokens: int, chooser: TokenChooser,
                   on_scores=None) -> int:
         """Generate up to ``new_tokens`` tokens for every micro-batch; returns steps run."""
-        steps, bytes_before = 0, self.store.bytes_read
+        steps, bytes_before, read_before = 0, self.store.bytes_read, self.store.read_s
         waits_before = self.weights_io.wait_s + self.cache_io.wait_s
         try:
             for _ in range(new_tokens):
@@ -136,6 +137,7 @@ class BlockEngine:
                 self.stats.v_bytes_read += mb.step.cache.values_bytes_read
                 mb.step.cache.close()
             self.stats.weight_bytes_read += self.store.bytes_read - bytes_before
+            self.stats.weight_read_s += self.store.read_s - read_before
             self.stats.io_wait_s += self.weights_io.wait_s + self.cache_io.wait_s - waits_before
         return steps
 
@@ -194,6 +196,7 @@ class BlockEngine:
         caller's: ``on_head(k, weights, hidden)`` gets micro-batch k's decoder output
         (batch, seq, hidden) and the head stage's weights."""
         start, bytes_before, waits_before = time.perf_counter(), self.store.bytes_read, self.weights_io.wait_s
+        read_before = self.store.read_s
         act_homes = spread_units(len(steps), self.policy.shares("act"))
         hidden: list[torch.Tensor | None] = [None] * len(steps)
         last = self.num_stages - 1
@@ -212,4 +215,5 @@ class BlockEngine:
                 hidden[k] = out.to("cpu") if act_homes[k] == CPU else out
         self.stats.prefill_s += time.perf_counter() - start
         self.stats.weight_bytes_read += self.store.bytes_read - bytes_before
+        self.stats.weight_read_s += self.store.read_s - read_before
         self.stats.io_wait_s += self.weights_io.wait_s - waits_before

@@ -22,6 +22,7 @@ from .memory.resolve import cache_root, resolve_checkpoint_dir, safetensors_file
 from .memory.weights import WeightStore
 from .ops.attention import register_attention
 from .placement import ModelLayout, Plan, Workload, load_or_measure, parse_max_memory, plan
+from .placement.hardware import observe_disk_reads
 from .calibration import layer_costs
 from .placement.limits import process_rss
 from .placement.solver import check_minimum
@@ -237,7 +238,7 @@ class FlexGenForCausalLM:
             self.engine.run_block(mbs, new_tokens, chooser, recorder if recorder.wanted else None)
             outputs += [mb.sequences.cpu() for mb in mbs]
         sequences = _pad_right(outputs, pad_id(config))
-        self.last_stats = self.engine.stats.as_dict()
+        self.record_stats()
         if not config.return_dict_in_generate:
             return sequences
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=recorder.stack("scores"),
@@ -267,7 +268,7 @@ class FlexGenForCausalLM:
             mbs = self.engine.start_micro_batches(input_ids[rows].cpu(), attention_mask[rows].cpu(),
                                                   steps, forced=targets[rows].cpu())
             self.engine.run_block(mbs, steps, chooser, record)
-        self.last_stats = self.engine.stats.as_dict()
+        self.record_stats()
         return out
 
     def _check_planned(self, prompt_len: int, new_tokens: int) -> None:
@@ -290,6 +291,13 @@ class FlexGenForCausalLM:
     def score_rolling(self, texts, prefix_token: int, max_length: int | None = None, **kwargs):
         """Every token of each text scored; see :func:`hf_flexgen.scoring.score_rolling`."""
         return score_rolling(self, texts, prefix_token, max_length, **kwargs)
+
+    def record_stats(self) -> None:
+        """Keep the engine's figures of the last call as ``last_stats``, and teach the
+        machine's profile the disk read rate they show (see hardware.observe_disk_reads)."""
+        stats = self.engine.stats
+        self.last_stats = stats.as_dict()
+        observe_disk_reads(self.device, stats.weight_bytes_read, stats.weight_read_s)
 
     def close(self) -> None:
         self.engine.close()

@@ -160,7 +160,7 @@ def score_rows(model, rows: list[_Row], logits_chunk: int = 1024,
         engine.run_forward(steps, on_head)
         logger.debug("scored a block of %d rows (longest input %d tokens)", len(block),
                      len(rows[block[0]].input_ids))
-    model.last_stats = engine.stats.as_dict()
+    model.record_stats()
     return results
 
 

@@ -76,6 +76,37 @@ def test_profile_measured_once_cached_refreshable_overridable(tmp_path, monkeypa
     assert len(calls) == 2
 
 
+def test_disk_read_rate_learned_from_the_engines_reads(tiny_checkpoint, tmp_path, monkeypatch):
+    """A run that streams weights from disk records the rate its reads reached (bytes over
+    the seconds spent reading, as the engine's stats say); the profile's rate becomes the
+    median of the last few; small runs, overrides and refreshes behave."""
+    monkeypatch.setenv("HF_FLEXGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware_module, "measure", lambda *a: HW)
+    observe = hardware_module.observe_disk_reads
+    observe(CPU_DEVICE, 2 * GiB, 1.0)  # no profile yet: nothing to learn into
+    assert load_or_measure(CPU_DEVICE, torch.float32).disk_read_bw == HW.disk_read_bw
+    observe(CPU_DEVICE, hardware_module.MIN_OBSERVED_BYTES - 1, 1e-3)  # too small to say
+    assert load_or_measure(CPU_DEVICE, torch.float32).disk_read_bw == HW.disk_read_bw
+    for gb_per_s in (3, 1, 2, 5, 4, 6):  # six observations: the first falls out of the five kept
+        observe(CPU_DEVICE, gb_per_s * GiB, 1.0)
+    assert load_or_measure(CPU_DEVICE, torch.float32).disk_read_bw == 4 * GiB
+    assert load_or_measure(CPU_DEVICE, torch.float32, disk_read_bw=5e8).disk_read_bw == 5e8
+    assert load_or_measure(CPU_DEVICE, torch.float32, refresh=True).disk_read_bw == HW.disk_read_bw
+
+    # the engine's own figures feed it: every weight on disk
+    monkeypatch.setattr(hardware_module, "MIN_OBSERVED_BYTES", 1)
+    _, directory = tiny_checkpoint("llama-gqa")
+    model = FlexGenForCausalLM.from_pretrained(directory, policy=Policy(
+        gpu_batch_size=2, w_gpu_percent=0, w_cpu_percent=0), offload_dir=tmp_path / "offload")
+    ids = torch.randint(4, 100, (2, 5))
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3)
+    model.close()
+    stats = model.last_stats
+    assert stats["weight_bytes_read"] > 0 and stats["weight_read_s"] > 0
+    saved = json.loads(hardware_module.profile_path(CPU_DEVICE).read_text())
+    assert saved[hardware_module.OBSERVED_KEY] == [stats["weight_bytes_read"] / stats["weight_read_s"]]
+
+
 def test_real_measurement_is_sane(tmp_path):
     hw = hardware_module.measure(CPU_DEVICE, torch.float32, tmp_path)
     assert hw.is_cpu_only and hw.cpu_to_device_bw == float("inf")

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,7 @@ class CheckpointIndex:
         self._fds: dict[Path, int] = {}
         self._direct_fds: dict[Path, int | None] = {}
         self.bytes_read = 0
+        self.read_s = 0.0  # seconds spent reading them
 
     @classmethod
     def from_directory(cls, directory: Path) -> "CheckpointIndex":
@@ -185,9 +187,11 @@ class CheckpointIndex:
         tensor = buffer[head:head + loc.nbytes].view(loc.dtype).view(loc.shape)
         length = _round_up(head + loc.nbytes)
         fd = self._direct_fd(loc.path) if loc.nbytes else None
+        began = time.perf_counter()
         if fd is not None and read_direct(fd, memoryview(buffer[:length].numpy()), start,
                                           head + loc.nbytes):
             self.bytes_read += loc.nbytes
+            self.read_s += time.perf_counter() - began
             return tensor
         return self.read(name, out=tensor)
 
@@ -198,10 +202,11 @@ class CheckpointIndex:
         if out is None:
             out = torch.empty(loc.shape, dtype=loc.dtype)
         if loc.nbytes:
-            fd = self._fd(loc.path)
+            fd, began = self._fd(loc.path), time.perf_counter()
             read_exact(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), loc.offset)
             drop_page_cache(fd, loc.offset, loc.nbytes)
             self.bytes_read += loc.nbytes
+            self.read_s += time.perf_counter() - began
         return out
 
     def close(self) -> None:

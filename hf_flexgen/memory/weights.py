@@ -84,6 +84,11 @@ class WeightStore:
         """Bytes read from checkpoint files so far (source and compressed copy)."""
         return self.index.bytes_read + (self.compressed.index.bytes_read if self.compressed else 0)
 
+    @property
+    def read_s(self) -> float:
+        """Seconds spent in those reads (on the I/O worker, beside the compute)."""
+        return self.index.read_s + (self.compressed.index.read_s if self.compressed else 0.0)
+
     def _is_compressed(self, spec: WeightSpec) -> bool:
         return self.compressed is not None and spec.key in self.compressed
 

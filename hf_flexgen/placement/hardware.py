@@ -5,6 +5,12 @@ Rates are what the engine's own operations reach: big fp32/half matmuls (compute
 limit), a plain copy (the memory-bound limit of small-batch matmuls and attention), the
 storage-to-compute dtype cast of streamed weights, cold disk reads with the page cache
 dropped (as the engine reads), and pinned host<->device copies when a GPU is present.
+
+The disk read rate is then learned from the engine's own runs: each run that streamed enough
+weights from disk records the rate its reads reached, and the profile's ``disk_read_bw`` is
+the median of the last few such observations. A short probe cannot tell a VM's burst rate or
+a host-cached file from the sustained rate a whole model streams at (one VM measured 2.9 GB/s
+with the probe and streamed SmolLM2 at 1.2 GB/s minutes later); the engine's reads can.
 """
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ from ..memory.resolve import cache_root
 logger = logging.getLogger(__name__)
 
 PROFILE_VERSION = 3
+OBSERVED_KEY = "observed_disk_read_bw"  # the engine's measured read rates, newest last
+OBSERVATIONS = 5             # how many are kept; the median is used
+MIN_OBSERVED_BYTES = 256 * 2**20  # runs reading less say too little about the sustained rate
 
 
 @dataclass(frozen=True)
@@ -80,22 +89,57 @@ def load_or_measure(device: torch.device, dtype: torch.dtype, disk_dir: Path | N
     """The cached profile for this machine (measured and saved the first time, or when
     ``refresh``), with ``overrides`` (field=value) applied on top."""
     path = profile_path(device)
-    profile = None
-    if path.exists() and not refresh:
-        try:
-            data = json.loads(path.read_text())
-            if data.get("version") == PROFILE_VERSION:
-                profile = HardwareProfile.from_json(data)
-        except (ValueError, json.JSONDecodeError) as err:
-            logger.warning("ignoring unreadable hardware profile %s (%s)", path, err)
-    if profile is None:
+    data = None if refresh else _read_profile(path)
+    if data is None:
         logger.info("measuring this machine's bandwidths and FLOP rates (once; cached in %s)", path)
-        profile = measure(device, dtype, disk_dir or cache_root())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(profile.to_json(), indent=2))
-        tmp.replace(path)
+        data = measure(device, dtype, disk_dir or cache_root()).to_json()
+        _write_profile(path, data)
+    profile = HardwareProfile.from_json(data)
+    observed = data.get(OBSERVED_KEY) or []
+    if observed:
+        profile = replace(profile, disk_read_bw=statistics.median(observed))
     return replace(profile, **overrides) if overrides else profile
+
+
+def observe_disk_reads(device: torch.device, nbytes: int, seconds: float) -> None:
+    """Record the rate at which a run's weight reads from disk went (``nbytes`` read in
+    ``seconds`` of reading) into this machine's cached profile, if the run read enough to
+    tell the sustained rate and a profile exists. Never fails the caller."""
+    if nbytes < MIN_OBSERVED_BYTES or seconds <= 0:
+        return
+    path = profile_path(device)
+    try:
+        data = _read_profile(path)
+        if data is None:
+            return
+        data[OBSERVED_KEY] = [*(data.get(OBSERVED_KEY) or []), nbytes / seconds][-OBSERVATIONS:]
+        _write_profile(path, data)
+        logger.info("disk reads ran at %.2f GB/s (%.2f GB); profile rate now %.2f GB/s",
+                    nbytes / seconds / 1e9, nbytes / 1e9, statistics.median(data[OBSERVED_KEY]) / 1e9)
+    except OSError as err:
+        logger.warning("could not record the disk read rate in %s: %s", path, err)
+
+
+def _read_profile(path: Path) -> dict | None:
+    """The cached profile's JSON, or None when absent, unreadable or of an older version."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION:
+            return None
+        HardwareProfile.from_json(data)
+    except (ValueError, TypeError) as err:
+        logger.warning("ignoring unreadable hardware profile %s (%s)", path, err)
+        return None
+    return data
+
+
+def _write_profile(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs each replace it whole
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def measure(device: torch.device, dtype: torch.dtype, disk_dir: Path) -> HardwareProfile:
