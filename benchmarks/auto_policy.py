@@ -119,8 +119,10 @@ def child(spec: dict, result_path: str) -> int:
         model = FlexGenForCausalLM.from_pretrained(spec["checkpoint"], policy=policy,
                                                    offload_dir=spec["offload_dir"])
     load_s = time.perf_counter() - t0
-    # the disk rate the prediction used (the run itself then teaches the profile its own)
+    # the rates the prediction used (the run itself then teaches the profiles its own)
     planned_disk_read_bw = load_or_measure(torch.device("cpu"), torch.float32).disk_read_bw
+    planned_prefill_token_s = layer_costs(model.config, build_skeleton(model.config, torch.device("cpu")),
+                                          torch.device("cpu"), torch.float32).prefill_token_s
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(4, model.config.vocab_size, (w.num_prompts, w.prompt_len), generator=gen)
     t1 = time.perf_counter()
@@ -134,7 +136,8 @@ def child(spec: dict, result_path: str) -> int:
               "predicted_memory": asdict(predicted.memory), "baseline_rss_bytes": baseline,
               "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "peak_rss_anon_bytes": sampler.peaks["RssAnon"], "peak_rss_file_bytes": sampler.peaks["RssFile"],
-              "planned_disk_read_bw": planned_disk_read_bw}
+              "planned_disk_read_bw": planned_disk_read_bw,
+              "planned_prefill_token_s": planned_prefill_token_s}
     model.close()
     Path(result_path).write_text(json.dumps(result))
     return 0

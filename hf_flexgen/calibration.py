@@ -10,6 +10,12 @@ caches when it runs: each timing starts with the last-level cache evicted (SmolL
 a decode layer step timed warm 1.4 ms, cold 2.4 ms; the engine runs it in about 2.5 ms).
 Results are cached
 as JSON next to the hardware profile.
+
+A one-off timing freezes whatever speed the machine had at that moment (on a shared VM, an
+OPT-125M prefill calibrated at 0.119 ms per token and layer; re-timed minutes later, 0.056).
+So the prefill rate is also learned from the engine's own runs: each CPU run whose prefill
+took long enough records its compute time per token and layer (I/O waits taken out, the
+head's share left in), and the rate used is the median of the last few.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import hashlib
 import json
 import logging
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +34,7 @@ from .memory.prefetch import IOWorker
 from .placement.cost_model import LayerCosts
 from .memory.resolve import cache_root
 from .placement.hardware import machine_key, time_once
+from .placement.profile_store import observe, read_json, write_json
 from .policy import DEVICE
 
 logger = logging.getLogger(__name__)
@@ -34,24 +42,61 @@ logger = logging.getLogger(__name__)
 PREFILL_TOKENS, DECODE_CONTEXT, DECODE_ROWS, REPEATS = 128, 16, 64, 8
 VERSION = 3  # bump when what is measured changes: older cached profiles are not reused
 EVICT_MAX = 256 * 2**20  # bytes written to evict the CPU's last-level cache, at most
+OBSERVED_KEY = "observed_prefill_token_s"  # from the engine's runs, newest last
+OBSERVATIONS = 5
+MIN_OBSERVED_PREFILL_S = 0.5  # shorter prefills say too little about the sustained rate
 
 
 def layer_costs(config, skeleton, device: torch.device, dtype: torch.dtype,
                 refresh: bool = False) -> LayerCosts:
-    """Cached measurement for this machine, model shape and dtype."""
+    """Cached measurement for this machine, model shape and dtype, with the prefill rate
+    the engine's runs have shown, where they have."""
+    path = _path(config, device, dtype)
+    data = None if refresh else _read(path)
+    if data is None:
+        logger.info("timing one %s layer on %s (once; cached in %s)", config.model_type, device, path)
+        data = dict(measure(skeleton, device, dtype).__dict__)
+        write_json(path, data)
+    costs = LayerCosts(**{k: data[k] for k in LayerCosts.__dataclass_fields__})
+    observed = data.get(OBSERVED_KEY) or []
+    if observed:
+        costs = replace(costs, prefill_token_s=statistics.median(observed))
+    return costs
+
+
+def observe_prefill(config, device: torch.device, dtype: torch.dtype, stats: dict,
+                    prompt_len: int, layers: int) -> None:
+    """Record the prefill rate a run reached (``stats``: the engine's figures) in the cached
+    layer profile of this model shape, if one exists. Only CPU runs whose prompts are no
+    longer than the calibration's (past it, the cost model adds attention on its own) and
+    whose prefill ran long enough count. Never fails the caller."""
+    compute_s = stats["prefill_s"] - (stats["io_wait_s"] - stats["decode_io_wait_s"])
+    if (device.type != "cpu" or prompt_len > PREFILL_TOKENS or stats["prefill_s"] < MIN_OBSERVED_PREFILL_S
+            or compute_s <= 0 or not stats["prefill_tokens"] or not layers):
+        return
+    rate = compute_s / (stats["prefill_tokens"] * layers)
+    kept = observe(_path(config, device, dtype), OBSERVED_KEY, rate, OBSERVATIONS)
+    if kept:
+        logger.info("prefill ran at %.3g ms per token and layer; profile rate now %.3g ms",
+                    rate * 1e3, statistics.median(kept) * 1e3)
+
+
+def _path(config, device: torch.device, dtype: torch.dtype) -> Path:
     shape = json.dumps(config.to_diff_dict(), sort_keys=True, default=str)
     digest = hashlib.sha256(f"{shape}-{dtype}-v{VERSION}".encode()).hexdigest()[:16]
-    path = cache_root() / "hardware" / f"{machine_key(device)}-layer-{digest}.json"
-    if path.exists() and not refresh:
-        try:
-            return LayerCosts(**json.loads(path.read_text()))
-        except (TypeError, ValueError):
-            logger.warning("ignoring unreadable layer profile %s", path)
-    logger.info("timing one %s layer on %s (once; cached in %s)", config.model_type, device, path)
-    costs = measure(skeleton, device, dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(costs.__dict__))
-    return costs
+    return cache_root() / "hardware" / f"{machine_key(device)}-layer-{digest}.json"
+
+
+def _read(path: Path) -> dict | None:
+    data = read_json(path)
+    if data is None:
+        return None
+    try:
+        LayerCosts(**{k: data[k] for k in LayerCosts.__dataclass_fields__})
+    except (TypeError, KeyError):
+        logger.warning("ignoring unreadable layer profile %s", path)
+        return None
+    return data
 
 
 @torch.inference_mode()

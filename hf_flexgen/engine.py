@@ -46,11 +46,13 @@ class EngineStats:
     """Where the time and bytes of generate() calls went (summed over blocks)."""
 
     prefill_s: float = 0.0
+    prefill_tokens: int = 0     # positions (padding included) the prefill passes computed
     decode_s: float = 0.0
     io_wait_s: float = 0.0      # compute thread blocked on weight / KV I/O
     decode_io_wait_s: float = 0.0  # the part of io_wait_s spent in decode steps
     weight_bytes_read: int = 0  # from disk (checkpoint files read in place)
     weight_read_s: float = 0.0  # seconds the I/O worker spent reading them
+    weight_reads: int = 0       # read requests (one per tensor) behind them
     kv_bytes_read: int = 0      # KV cache moved from its home to the compute device
     kv_bytes_stored: int = 0    # largest KV cache a block held (all homes, at its end)
     v_bytes_read: int = 0       # bytes of V attention read from the cache (sparsity reads fewer)
@@ -113,6 +115,7 @@ class BlockEngine:
                   on_scores=None) -> int:
         """Generate up to ``new_tokens`` tokens for every micro-batch; returns steps run."""
         steps, bytes_before, read_before = 0, self.store.bytes_read, self.store.read_s
+        reads_before = self.store.reads
         waits_before = self.weights_io.wait_s + self.cache_io.wait_s
         try:
             for _ in range(new_tokens):
@@ -120,10 +123,12 @@ class BlockEngine:
                 if not active:
                     break
                 start, waits = time.perf_counter(), self.weights_io.wait_s + self.cache_io.wait_s
+                tokens = sum(mb.step.input_ids.numel() for mb in active)
                 self._run_step(active, chooser, on_scores, steps)
                 elapsed = time.perf_counter() - start
                 if steps == 0:
                     self.stats.prefill_s += elapsed
+                    self.stats.prefill_tokens += tokens
                 else:
                     self.stats.decode_s += elapsed
                     self.stats.decode_io_wait_s += self.weights_io.wait_s + self.cache_io.wait_s - waits
@@ -138,6 +143,7 @@ class BlockEngine:
                 mb.step.cache.close()
             self.stats.weight_bytes_read += self.store.bytes_read - bytes_before
             self.stats.weight_read_s += self.store.read_s - read_before
+            self.stats.weight_reads += self.store.reads - reads_before
             self.stats.io_wait_s += self.weights_io.wait_s + self.cache_io.wait_s - waits_before
         return steps
 
@@ -196,7 +202,7 @@ class BlockEngine:
         caller's: ``on_head(k, weights, hidden)`` gets micro-batch k's decoder output
         (batch, seq, hidden) and the head stage's weights."""
         start, bytes_before, waits_before = time.perf_counter(), self.store.bytes_read, self.weights_io.wait_s
-        read_before = self.store.read_s
+        read_before, reads_before = self.store.read_s, self.store.reads
         act_homes = spread_units(len(steps), self.policy.shares("act"))
         hidden: list[torch.Tensor | None] = [None] * len(steps)
         last = self.num_stages - 1
@@ -214,6 +220,8 @@ class BlockEngine:
                        self.adapter.layer(j - 1, weights, hidden[k].to(self.device), step))
                 hidden[k] = out.to("cpu") if act_homes[k] == CPU else out
         self.stats.prefill_s += time.perf_counter() - start
+        self.stats.prefill_tokens += sum(step.input_ids.numel() for step in steps)
         self.stats.weight_bytes_read += self.store.bytes_read - bytes_before
         self.stats.weight_read_s += self.store.read_s - read_before
+        self.stats.weight_reads += self.store.reads - reads_before
         self.stats.io_wait_s += self.weights_io.wait_s - waits_before

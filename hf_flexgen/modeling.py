@@ -23,7 +23,7 @@ from .memory.weights import WeightStore
 from .ops.attention import register_attention
 from .placement import ModelLayout, Plan, Workload, load_or_measure, parse_max_memory, plan
 from .placement.hardware import observe_disk_reads
-from .calibration import layer_costs
+from .calibration import layer_costs, observe_prefill
 from .placement.limits import process_rss
 from .placement.solver import check_minimum
 from .policy import Policy
@@ -87,7 +87,8 @@ def model_layout(config, index: CheckpointIndex, device: torch.device) -> ModelL
     """The stage tensors and attention shape the cost model needs (no weight is read)."""
     model = build_skeleton(config, device)
     keys = stage_checkpoint_keys(model, adapter_for(model), index)
-    return ModelLayout.from_checkpoint(config, keys, index.locations, linear_weight_keys(model, keys))
+    return ModelLayout.from_checkpoint(config, keys, index.locations, linear_weight_keys(model, keys),
+                                       direct_reads=index.reads_direct())
 
 
 def config_layout(config, storage_dtype: torch.dtype = torch.float16) -> ModelLayout:
@@ -238,7 +239,7 @@ class FlexGenForCausalLM:
             self.engine.run_block(mbs, new_tokens, chooser, recorder if recorder.wanted else None)
             outputs += [mb.sequences.cpu() for mb in mbs]
         sequences = _pad_right(outputs, pad_id(config))
-        self.record_stats()
+        self.record_stats(prompt_len)
         if not config.return_dict_in_generate:
             return sequences
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=recorder.stack("scores"),
@@ -268,7 +269,7 @@ class FlexGenForCausalLM:
             mbs = self.engine.start_micro_batches(input_ids[rows].cpu(), attention_mask[rows].cpu(),
                                                   steps, forced=targets[rows].cpu())
             self.engine.run_block(mbs, steps, chooser, record)
-        self.record_stats()
+        self.record_stats(input_ids.shape[1])
         return out
 
     def _check_planned(self, prompt_len: int, new_tokens: int) -> None:
@@ -292,12 +293,17 @@ class FlexGenForCausalLM:
         """Every token of each text scored; see :func:`hf_flexgen.scoring.score_rolling`."""
         return score_rolling(self, texts, prefix_token, max_length, **kwargs)
 
-    def record_stats(self) -> None:
+    def record_stats(self, prompt_len: int | None = None) -> None:
         """Keep the engine's figures of the last call as ``last_stats``, and teach the
-        machine's profile the disk read rate they show (see hardware.observe_disk_reads)."""
+        machine's profiles the disk read rate and (for prompts of ``prompt_len``) the
+        prefill rate they show (hardware.observe_disk_reads, calibration.observe_prefill)."""
         stats = self.engine.stats
         self.last_stats = stats.as_dict()
-        observe_disk_reads(self.device, stats.weight_bytes_read, stats.weight_read_s)
+        observe_disk_reads(self.device, stats.weight_bytes_read, stats.weight_read_s,
+                           stats.weight_reads)
+        if prompt_len is not None:
+            observe_prefill(self.config, self.device, self.dtype, self.last_stats, prompt_len,
+                            self.adapter.num_layers)
 
     def close(self) -> None:
         self.engine.close()

@@ -47,7 +47,9 @@ class Policy:
     """Where tensors live and how the block schedule is shaped.
 
     A block holds ``gpu_batch_size * num_gpu_batches`` sequences; each layer's weights are
-    fetched once per token step and used for every micro-batch of the block.
+    fetched once per token step and used for every micro-batch of the block. The weight
+    percentages place tensors by FlexGen's rule (see :func:`assign_homes`), except that
+    biases and norms stay in the cpu home when the rule sends them to disk.
     """
 
     gpu_batch_size: int = 8
@@ -123,9 +125,16 @@ class Policy:
         return cls(**dict(zip(names, values)), **kwargs)
 
 
+# Tensors this small against their stage (biases, norms) never live on disk: each would cost
+# a read request (on the VMs measured, about as long as reading a megabyte) for a few
+# kilobytes, and all of them together are a fraction of a percent of a model.
+SMALL_TENSOR_SHARE = 1 / 256
+
+
 def assign_homes(sizes: list[int], shares: dict[str, float]) -> list[str]:
     """FlexGen's rule: a tensor goes to the home whose percent range holds the midpoint of
-    its cumulative size within the group (device first, then cpu, then disk)."""
+    its cumulative size within the group (device first, then cpu, then disk); a tensor
+    smaller than ``SMALL_TENSOR_SHARE`` of the group headed for disk stays in the cpu home."""
     total = sum(sizes) or 1
     used = [h for h in HOMES if shares[h] > 0]
     homes, seen = [], 0
@@ -136,7 +145,7 @@ def assign_homes(sizes: list[int], shares: dict[str, float]) -> list[str]:
             acc += shares[home]
             if mid < acc:
                 break
-        homes.append(home)
+        homes.append(CPU if home == DISK and size < SMALL_TENSOR_SHARE * total else home)
     return homes
 
 

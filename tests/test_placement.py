@@ -20,7 +20,8 @@ from hf_flexgen.placement import (HardwareProfile, PlacementError, Workload, est
 from hf_flexgen.placement import hardware as hardware_module
 from hf_flexgen.placement.cost_model import LayerCosts, memory_terms, peak_memory
 from hf_flexgen.placement.limits import with_headroom
-from hf_flexgen.policy import CPU, DEVICE, DISK
+from hf_flexgen.placement.profile_store import write_json
+from hf_flexgen.policy import CPU, DEVICE, DISK, assign_homes
 
 from tiny_models import left_padded_prompts
 
@@ -28,7 +29,7 @@ CPU_DEVICE = torch.device("cpu")
 GiB, MiB = 2**30, 2**20
 
 # a fixed CPU-only machine (1 GB/s disk, 100 GFLOP/s) so the tests do not depend on timing
-HW = HardwareProfile(device="cpu", disk_read_bw=1e9, disk_write_bw=5e8, cpu_to_device_bw=float("inf"),
+HW = HardwareProfile(device="cpu", disk_read_bw=1e9, disk_request_s=2e-4, disk_write_bw=5e8, cpu_to_device_bw=float("inf"),
                      device_to_cpu_bw=float("inf"), device_flops=1e11, device_mem_bw=1e10,
                      cpu_flops=1e11, cpu_mem_bw=1e10, cast_bw=4e9, disk_cache_op_s=2e-3,
                      torch_threads=2)
@@ -61,6 +62,17 @@ def test_parse_max_memory_hf_convention(tmp_path):
         parse_max_memory({"cpu": "lots"}, CPU_DEVICE, tmp_path)
 
 
+# -- homes ----------------------------------------------------------------------------------
+def test_homes_follow_the_midpoint_rule_but_keep_small_tensors_off_disk():
+    """FlexGen's rule by cumulative size; biases and norms (under 1/256 of their stage) that it
+    sends to disk stay in the cpu home instead (one read request each is not worth it)."""
+    layer = [4000, 16, 4000, 16, 8000]  # two matrices with biases, and one more matrix
+    assert assign_homes(layer, {DEVICE: 0, CPU: 0, DISK: 1}) == [DISK, CPU, DISK, CPU, DISK]
+    assert assign_homes(layer, {DEVICE: 0.25, CPU: 0.25, DISK: 0.5}) == [DEVICE, CPU, CPU, CPU, DISK]
+    assert assign_homes(layer, {DEVICE: 0.5, CPU: 0.5, DISK: 0}) == [DEVICE, DEVICE, DEVICE, CPU, CPU]
+    assert assign_homes([100], {DEVICE: 0, CPU: 0, DISK: 1}) == [DISK]  # alone, not small
+
+
 # -- hardware profile ------------------------------------------------------------------------
 def test_profile_measured_once_cached_refreshable_overridable(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_FLEXGEN_CACHE", str(tmp_path))
@@ -78,18 +90,20 @@ def test_profile_measured_once_cached_refreshable_overridable(tmp_path, monkeypa
 
 def test_disk_read_rate_learned_from_the_engines_reads(tiny_checkpoint, tmp_path, monkeypatch):
     """A run that streams weights from disk records the rate its reads reached (bytes over
-    the seconds spent reading, as the engine's stats say); the profile's rate becomes the
-    median of the last few; small runs, overrides and refreshes behave."""
+    the seconds spent reading, the profile's time per request taken out, as the engine's
+    stats say); the profile's rate becomes the median of the last few; small runs,
+    overrides and refreshes behave."""
     monkeypatch.setenv("HF_FLEXGEN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hardware_module, "measure", lambda *a: HW)
     observe = hardware_module.observe_disk_reads
-    observe(CPU_DEVICE, 2 * GiB, 1.0)  # no profile yet: nothing to learn into
+    observe(CPU_DEVICE, 2 * GiB, 1.0, 0)  # no profile yet: nothing to learn into
     assert load_or_measure(CPU_DEVICE, torch.float32).disk_read_bw == HW.disk_read_bw
-    observe(CPU_DEVICE, hardware_module.MIN_OBSERVED_BYTES - 1, 1e-3)  # too small to say
+    observe(CPU_DEVICE, hardware_module.MIN_OBSERVED_BYTES - 1, 1e-3, 1)  # too small to say
+    observe(CPU_DEVICE, 2 * GiB, 1.0, 4000)  # 4000 requests of 0.2 ms: all request time
     assert load_or_measure(CPU_DEVICE, torch.float32).disk_read_bw == HW.disk_read_bw
     for gb_per_s in (3, 1, 2, 5, 4, 6):  # six observations: the first falls out of the five kept
-        observe(CPU_DEVICE, gb_per_s * GiB, 1.0)
-    assert load_or_measure(CPU_DEVICE, torch.float32).disk_read_bw == 4 * GiB
+        observe(CPU_DEVICE, gb_per_s * GiB, 1.1, 500)  # 0.1 s of it in requests
+    assert load_or_measure(CPU_DEVICE, torch.float32).disk_read_bw == pytest.approx(4 * GiB)
     assert load_or_measure(CPU_DEVICE, torch.float32, disk_read_bw=5e8).disk_read_bw == 5e8
     assert load_or_measure(CPU_DEVICE, torch.float32, refresh=True).disk_read_bw == HW.disk_read_bw
 
@@ -98,11 +112,15 @@ def test_disk_read_rate_learned_from_the_engines_reads(tiny_checkpoint, tmp_path
     _, directory = tiny_checkpoint("llama-gqa")
     model = FlexGenForCausalLM.from_pretrained(directory, policy=Policy(
         gpu_batch_size=2, w_gpu_percent=0, w_cpu_percent=0), offload_dir=tmp_path / "offload")
+    # reads of a tiny model's tensors take microseconds: no request time to take out here
+    write_json(hardware_module.profile_path(CPU_DEVICE), replace(HW, disk_request_s=0.0).to_json())
     ids = torch.randint(4, 100, (2, 5))
+    reads_before = model.store.reads
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3)
     model.close()
     stats = model.last_stats
     assert stats["weight_bytes_read"] > 0 and stats["weight_read_s"] > 0
+    assert stats["weight_reads"] == model.store.reads - reads_before > 0
     saved = json.loads(hardware_module.profile_path(CPU_DEVICE).read_text())
     assert saved[hardware_module.OBSERVED_KEY] == [stats["weight_bytes_read"] / stats["weight_read_s"]]
 
@@ -173,7 +191,8 @@ def test_memory_terms_match_engine_allocations(tiny_checkpoint, half_checkpoint,
         largest_disk = max((store.compressed.nbytes(s.key) if store._is_compressed(s)
                             else s.numel * store.index.locations[s.key].dtype.itemsize
                             for s in store.all_specs() if s.home == DISK), default=0)
-        assert terms.weight_stream_ram - largest_disk == staged
+        in_flight = 0 if layout.direct_reads else largest_disk  # page cache of a buffered read
+        assert terms.weight_stream_ram - in_flight == staged
         assert kv_by_home == {h: terms.kv_cache[h] for h in (DEVICE, CPU, DISK)}
     finally:
         model.close()

@@ -155,6 +155,7 @@ class CheckpointIndex:
         self._direct_fds: dict[Path, int | None] = {}
         self.bytes_read = 0
         self.read_s = 0.0  # seconds spent reading them
+        self.reads = 0     # read requests (one per tensor) behind them
 
     @classmethod
     def from_directory(cls, directory: Path) -> "CheckpointIndex":
@@ -176,6 +177,15 @@ class CheckpointIndex:
             self._direct_fds[path] = open_direct(path)
         return self._direct_fds[path]
 
+    def reads_direct(self) -> bool:
+        """Whether this checkpoint's files can be read with ``O_DIRECT`` (no page cache)."""
+        path = next(iter(self.locations.values())).path if self.locations else None
+        fd = self._direct_fd(path) if path is not None else None
+        if fd is None:
+            return False
+        buffer = direct_buffer(ALIGN)
+        return read_direct(fd, memoryview(buffer[:ALIGN].numpy()), 0, 1)
+
     def read_into(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
         """Read one tensor into ``buffer`` (a :func:`direct_buffer` of at least its size),
         bypassing the page cache; returns the tensor, a view of ``buffer``."""
@@ -192,6 +202,7 @@ class CheckpointIndex:
                                           head + loc.nbytes):
             self.bytes_read += loc.nbytes
             self.read_s += time.perf_counter() - began
+            self.reads += 1
             return tensor
         return self.read(name, out=tensor)
 
@@ -207,6 +218,7 @@ class CheckpointIndex:
             drop_page_cache(fd, loc.offset, loc.nbytes)
             self.bytes_read += loc.nbytes
             self.read_s += time.perf_counter() - began
+            self.reads += 1
         return out
 
     def close(self) -> None:

@@ -89,6 +89,11 @@ class WeightStore:
         """Seconds spent in those reads (on the I/O worker, beside the compute)."""
         return self.index.read_s + (self.compressed.index.read_s if self.compressed else 0.0)
 
+    @property
+    def reads(self) -> int:
+        """Read requests behind them."""
+        return self.index.reads + (self.compressed.index.reads if self.compressed else 0)
+
     def _is_compressed(self, spec: WeightSpec) -> bool:
         return self.compressed is not None and spec.key in self.compressed
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..memory.checkpoint import direct_span
-from ..policy import CPU, DEVICE, DISK, HOMES, Policy, assign_homes, spread_units
+from ..policy import (CPU, DEVICE, DISK, HOMES, SMALL_TENSOR_SHARE, Policy, assign_homes,
+                      spread_units)
 from .hardware import HardwareProfile
 
 # Peak-memory allowances for what the formulas below do not itemize (allocator slack,
@@ -91,6 +92,7 @@ class ModelLayout:
     head_dim: int
     intermediate: int
     vocab: int
+    direct_reads: bool = False  # the checkpoint reads with O_DIRECT: no page cache in flight
 
     @property
     def num_layers(self) -> int:
@@ -113,12 +115,24 @@ class ModelLayout:
         """Used by more than one stage (a tied embedding / LM head)."""
         return len(self._stages_using[key]) > 1
 
+    @cached_property
+    def _role_stages(self) -> dict[str, int]:
+        return {role: len({j for j, st in enumerate(self.stages) for t in st if t.role == role})
+                for role in {t.role for st in self.stages for t in st}}
+
+    def held_once(self, t: TensorInfo) -> bool:
+        """Kept in its own staging buffer by a CPU engine, so fetched (read, cast) once per
+        run rather than once per step: a tensor no other stage shares a buffer with (the
+        embedding, the head) or a tied one (weights.WeightStore._role)."""
+        return self.shared(t.key) or self._role_stages[t.role] == 1
+
     @classmethod
     def from_checkpoint(cls, config, stage_params: list[dict[str, str]], locations,
-                        linear_keys=None) -> "ModelLayout":
+                        linear_keys=None, direct_reads: bool = False) -> "ModelLayout":
         """``stage_params``: per stage, HF parameter name -> checkpoint key; ``locations``:
         key -> object with ``shape`` and ``dtype`` (a safetensors header entry);
-        ``linear_keys``: the keys compress_weight quantizes (default: every 2-D tensor)."""
+        ``linear_keys``: the keys compress_weight quantizes (default: every 2-D tensor);
+        ``direct_reads``: whether the files read with O_DIRECT."""
         linear = None if linear_keys is None else set(linear_keys)
         stages = tuple(tuple(TensorInfo(key, re.sub(r"\.\d+\.", ".#.", name),
                                         tuple(locations[key].shape), locations[key].dtype.itemsize,
@@ -130,7 +144,7 @@ class ModelLayout:
                or 4 * config.hidden_size)
         return cls(stages, config.hidden_size, heads,
                    getattr(config, "num_key_value_heads", None) or heads, head_dim, ffn,
-                   config.vocab_size)
+                   config.vocab_size, direct_reads)
 
 
 @dataclass(frozen=True)
@@ -189,14 +203,13 @@ class Formulas:
 
     def weight_fetch(self, stage: int, share: dict) -> tuple:
         """(I/O seconds, CPU-work seconds) to bring a stage's weights to the device, with
-        ``share[home]`` the fraction of its bytes homed there. On a CPU device a tensor used
-        by several stages (a tied embedding / LM head) keeps its staging buffer, so only its
-        first stage of a step reads and converts it."""
+        ``share[home]`` the fraction of its bytes homed there. On a CPU device a tensor in a
+        staging buffer of its own (the embedding, the head) is read and converted once per
+        run, not per step: left out."""
         hw, compressed = self.hw, self.policy.compress_weight
-        tensors = [t for t in self.layout.stages[stage]
-                   if not self.cpu_only or self.layout.first_stage(t.key) == stage]
+        tensors = self.fetched_each_step(stage)
         moved, stored = self.weight_bytes(tensors, compressed)
-        io = share[DISK] * stored / hw.disk_read_bw
+        io = share[DISK] * (stored / hw.disk_read_bw + self.disk_requests(stage) * hw.disk_request_s)
         if not self.cpu_only:
             io += (share[CPU] + share[DISK]) * moved / hw.cpu_to_device_bw
         # half weights streamed from disk (and, on a CPU device, those held in the cpu home in
@@ -208,6 +221,20 @@ class Formulas:
         cast = sum(t.numel for t in quantized) * self.cb / hw.cast_bw
         cast += cast_share * sum(t.numel for t in plain) * self.cb / hw.cast_bw * self._needs_cast(plain)
         return io, cast
+
+    def fetched_each_step(self, stage: int) -> list[TensorInfo]:
+        """The stage's tensors fetched at every token step (on a CPU device, not those
+        :meth:`ModelLayout.held_once`)."""
+        return [t for t in self.layout.stages[stage] if not (self.cpu_only and self.layout.held_once(t))]
+
+    def disk_requests(self, stage: int) -> int:
+        """Read requests per step if all the stage's weights were on disk: one per tensor
+        (three, codes, scales and minima, for a compressed one), biases and norms excepted
+        (they never go to disk: policy.assign_homes)."""
+        total = sum(t.numel for t in self.layout.stages[stage])
+        compressed = self.policy.compress_weight
+        return sum(3 if compressed and t.quantizable else 1 for t in self.fetched_each_step(stage)
+                   if t.numel >= SMALL_TENSOR_SHARE * total)
 
     def _needs_cast(self, tensors) -> float:
         total = sum(t.numel for t in tensors) or 1
@@ -421,7 +448,8 @@ def memory_terms(policy: Policy, layout: ModelLayout, workload: Workload, hw: Ha
             resident[home] += (t.numel * t.storage_itemsize if keeps_stored
                                else int(f.weight_bytes([t], p.compress_weight)[0]))
     stage_bytes = [int(f.weight_bytes(st, False)[0]) for st in lay.stages]
-    stream_ram = sum(staging.values()) + largest_disk  # + the page cache of the read in flight
+    # + the page cache of the read in flight, where reads cannot bypass it
+    stream_ram = sum(staging.values()) + (0 if lay.direct_reads else largest_disk)
     if not hw.is_cpu_only:
         stream_ram = 2 * largest_disk
 

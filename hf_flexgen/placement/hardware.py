@@ -14,7 +14,6 @@ with the probe and streamed SmolLM2 at 1.2 GB/s minutes later); the engine's rea
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -28,10 +27,11 @@ import torch
 
 from ..memory.checkpoint import direct_buffer, drop_page_cache, open_direct, read_direct, read_exact
 from ..memory.resolve import cache_root
+from .profile_store import observe, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 OBSERVED_KEY = "observed_disk_read_bw"  # the engine's measured read rates, newest last
 OBSERVATIONS = 5             # how many are kept; the median is used
 MIN_OBSERVED_BYTES = 256 * 2**20  # runs reading less say too little about the sustained rate
@@ -43,7 +43,8 @@ class HardwareProfile:
     machine without an accelerator, where its rates equal the CPU's and copies are free."""
 
     device: str
-    disk_read_bw: float          # disk -> host RAM, page cache dropped
+    disk_read_bw: float          # disk -> host RAM, page cache dropped (request time apart)
+    disk_request_s: float        # fixed time of one read request (the engine reads per tensor)
     disk_write_bw: float         # host RAM -> disk, fsync'd
     cpu_to_device_bw: float      # pinned host -> device (inf when the device is the CPU)
     device_to_cpu_bw: float
@@ -93,7 +94,7 @@ def load_or_measure(device: torch.device, dtype: torch.dtype, disk_dir: Path | N
     if data is None:
         logger.info("measuring this machine's bandwidths and FLOP rates (once; cached in %s)", path)
         data = measure(device, dtype, disk_dir or cache_root()).to_json()
-        _write_profile(path, data)
+        write_json(path, data)
     profile = HardwareProfile.from_json(data)
     observed = data.get(OBSERVED_KEY) or []
     if observed:
@@ -101,45 +102,35 @@ def load_or_measure(device: torch.device, dtype: torch.dtype, disk_dir: Path | N
     return replace(profile, **overrides) if overrides else profile
 
 
-def observe_disk_reads(device: torch.device, nbytes: int, seconds: float) -> None:
-    """Record the rate at which a run's weight reads from disk went (``nbytes`` read in
-    ``seconds`` of reading) into this machine's cached profile, if the run read enough to
-    tell the sustained rate and a profile exists. Never fails the caller."""
-    if nbytes < MIN_OBSERVED_BYTES or seconds <= 0:
+def observe_disk_reads(device: torch.device, nbytes: int, seconds: float, requests: int) -> None:
+    """Record the rate at which a run's weight reads from disk went (``nbytes`` in
+    ``requests`` read in ``seconds``, the profile's time per request taken out) into this
+    machine's cached profile, if the run read enough to tell the sustained rate and a
+    profile exists."""
+    data = _read_profile(profile_path(device))
+    if nbytes < MIN_OBSERVED_BYTES or seconds <= 0 or data is None:
         return
-    path = profile_path(device)
-    try:
-        data = _read_profile(path)
-        if data is None:
-            return
-        data[OBSERVED_KEY] = [*(data.get(OBSERVED_KEY) or []), nbytes / seconds][-OBSERVATIONS:]
-        _write_profile(path, data)
-        logger.info("disk reads ran at %.2f GB/s (%.2f GB); profile rate now %.2f GB/s",
-                    nbytes / seconds / 1e9, nbytes / 1e9, statistics.median(data[OBSERVED_KEY]) / 1e9)
-    except OSError as err:
-        logger.warning("could not record the disk read rate in %s: %s", path, err)
+    transfer_s = seconds - requests * data["disk_request_s"]
+    if transfer_s < seconds / 4:  # the request time explains nearly all: no rate to learn
+        return
+    kept = observe(profile_path(device), OBSERVED_KEY, nbytes / transfer_s, OBSERVATIONS)
+    if kept:
+        logger.info("disk reads ran at %.2f GB/s (%.2f GB in %d requests); profile rate now "
+                    "%.2f GB/s", nbytes / transfer_s / 1e9, nbytes / 1e9, requests,
+                    statistics.median(kept) / 1e9)
 
 
 def _read_profile(path: Path) -> dict | None:
     """The cached profile's JSON, or None when absent, unreadable or of an older version."""
-    if not path.exists():
+    data = read_json(path)
+    if data is None or data.get("version") != PROFILE_VERSION:
         return None
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION:
-            return None
         HardwareProfile.from_json(data)
     except (ValueError, TypeError) as err:
         logger.warning("ignoring unreadable hardware profile %s (%s)", path, err)
         return None
     return data
-
-
-def _write_profile(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs each replace it whole
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 def measure(device: torch.device, dtype: torch.dtype, disk_dir: Path) -> HardwareProfile:
@@ -153,10 +144,11 @@ def measure(device: torch.device, dtype: torch.dtype, disk_dir: Path) -> Hardwar
     else:
         device_flops, device_mem = matmul_flops(device, dtype), copy_bw(device)
         to_dev, from_dev = transfer_bw(cpu, device), transfer_bw(device, cpu)
-    read_bw, write_bw = disk_bw(Path(disk_dir))
+    read_bw, request_s, write_bw = disk_bw(Path(disk_dir))
     cache_op = disk_cache_op(Path(disk_dir))
     return HardwareProfile(
-        device=str(device.type), disk_read_bw=read_bw, disk_write_bw=write_bw,
+        device=str(device.type), disk_read_bw=read_bw, disk_request_s=request_s,
+        disk_write_bw=write_bw,
         cpu_to_device_bw=to_dev, device_to_cpu_bw=from_dev, device_flops=device_flops,
         device_mem_bw=device_mem, cpu_flops=cpu_flops, cpu_mem_bw=cpu_mem,
         cast_bw=cast_bw(device, dtype), disk_cache_op_s=cache_op,
@@ -220,30 +212,60 @@ def transfer_bw(src_device: torch.device, dst_device: torch.device) -> float:
 READ_REQUEST = 16 * 2**20
 
 
-def disk_bw(directory: Path, size: int = 256 * 2**20) -> tuple[float, float]:
-    """Sequential write (fsync'd) and cold read (page cache dropped or bypassed) of a
-    temporary file; the read is the median of three."""
+SMALL_REQUEST, SMALL_REQUESTS = 4096, 64
+
+
+def disk_bw(directory: Path, size: int = 256 * 2**20) -> tuple[float, float, float]:
+    """(read bytes/s, seconds per read request, write bytes/s) of a temporary file: a
+    sequential fsync'd write, then cold reads (page cache dropped or bypassed), the median of
+    three, and the median time of single-block reads scattered over the file (the fixed cost
+    of a request, taken out of the sequential reads' rate)."""
     directory.mkdir(parents=True, exist_ok=True)
-    data = torch.ones(size, dtype=torch.uint8).numpy()
+    chunk = torch.ones(READ_REQUEST, dtype=torch.uint8).numpy()
     handle, name = tempfile.mkstemp(prefix="hw_probe_", dir=directory)
     try:
         start = time.perf_counter()
-        done = 0
-        while done < size:
-            done += os.pwrite(handle, data[done:], done)
+        for offset in range(0, size, READ_REQUEST):
+            done = 0
+            while done < READ_REQUEST:
+                done += os.pwrite(handle, chunk[done:], offset + done)
         os.fsync(handle)
         write = size / (time.perf_counter() - start)
-        reads, buffer = [], direct_buffer(READ_REQUEST)
+        buffer = direct_buffer(READ_REQUEST)
+        drop_page_cache(handle, 0, size)
+        request_s = _request_time(name, handle, buffer, size)
+        reads = []
         for _ in range(3):
             drop_page_cache(handle, 0, size)
             start = time.perf_counter()
             _read_like_weights(name, handle, buffer, size)
-            reads.append(size / (time.perf_counter() - start))
+            elapsed = time.perf_counter() - start
+            requests = -(-size // READ_REQUEST)
+            reads.append(size / max(elapsed - requests * request_s, elapsed / 2))
         drop_page_cache(handle, 0, size)
-        return statistics.median(reads), write
+        return statistics.median(reads), request_s, write
     finally:
         os.close(handle)
         os.unlink(name)
+
+
+def _request_time(name: str, handle: int, buffer: torch.Tensor, size: int) -> float:
+    """Median seconds of one ``SMALL_REQUEST`` read at offsets spread over the file."""
+    direct = open_direct(name)
+    view = memoryview(buffer.numpy())[:SMALL_REQUEST]
+    times = []
+    try:
+        for i in range(SMALL_REQUESTS):
+            offset = (i * 7919 % SMALL_REQUESTS) * (size // SMALL_REQUESTS)
+            start = time.perf_counter()
+            if direct is None or not read_direct(direct, view, offset, SMALL_REQUEST):
+                read_exact(handle, view, offset)
+                drop_page_cache(handle, offset, SMALL_REQUEST)
+            times.append(time.perf_counter() - start)
+    finally:
+        if direct is not None:
+            os.close(direct)
+    return statistics.median(times)
 
 
 def _read_like_weights(name: str, handle: int, buffer: torch.Tensor, size: int) -> None:
