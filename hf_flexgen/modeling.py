@@ -22,7 +22,7 @@ from .memory.resolve import cache_root, resolve_checkpoint_dir, safetensors_file
 from .memory.weights import WeightStore
 from .ops.attention import register_attention
 from .placement import ModelLayout, Plan, Workload, load_or_measure, parse_max_memory, plan
-from .placement.hardware import observe_disk_reads
+from .placement.hardware import observe_disk_reads, sample_checkpoint_reads
 from .calibration import layer_costs, observe_prefill
 from .placement.limits import process_rss
 from .placement.solver import check_minimum
@@ -112,10 +112,11 @@ class _Shape:
 def plan_policy(config, layout: ModelLayout, device: torch.device, dtype: torch.dtype,
                 workload: Workload, max_memory: dict | None = None,
                 base: Policy | None = None, disk_dir: Path | None = None,
-                refresh_profile: bool = False) -> Plan:
+                refresh_profile: bool = False, index: CheckpointIndex | None = None) -> Plan:
     """policy="auto": measure (once) this machine and one layer of this model shape, then
     solve for the fastest policy that fits ``max_memory`` (HF's convention; default: what is
-    free, with a margin). Raises ``PlacementError`` before any weight is read when nothing fits."""
+    free, with a margin). Raises ``PlacementError`` before any weight is read when nothing fits.
+    ``index``: the checkpoint, whose reads give the disk rate until runs have measured it."""
     disk_dir = Path(disk_dir) if disk_dir else Path(tempfile.gettempdir())
     limits = parse_max_memory(max_memory, device, disk_dir)
     hardware = load_or_measure(device, dtype, disk_dir, refresh=refresh_profile)
@@ -123,6 +124,9 @@ def plan_policy(config, layout: ModelLayout, device: torch.device, dtype: torch.
     baseline = process_rss()
     base = base or Policy(overlap=True)
     check_minimum(base, limits, layout, workload, hardware, itemsize, baseline)
+    if index is not None:  # the disk rate from the checkpoint itself, until runs teach it
+        sample_checkpoint_reads(index, device)
+        hardware = load_or_measure(device, dtype, disk_dir)
     measured = layer_costs(config, build_skeleton(config, device), device, dtype, refresh=refresh_profile)
     return plan(layout, workload, hardware, limits, itemsize, baseline, base=base, measured=measured)
 
@@ -197,7 +201,7 @@ class FlexGenForCausalLM:
         if policy == "auto":
             workload = workload or default_workload(config)
             chosen = plan_policy(config, model_layout(config, index, device), device, dtype,
-                                 workload, max_memory, auto_base, disk_dir=offload_dir)
+                                 workload, max_memory, auto_base, disk_dir=offload_dir, index=index)
             policy = chosen.policy
         model = cls(config, index, policy, device, dtype, offload_dir, generation_config,
                     name_or_path=str(name_or_path), checkpoint_dir=directory)

@@ -125,6 +125,26 @@ def test_disk_read_rate_learned_from_the_engines_reads(tiny_checkpoint, tmp_path
     assert saved[hardware_module.OBSERVED_KEY] == [stats["weight_bytes_read"] / stats["weight_read_s"]]
 
 
+def test_disk_rate_sampled_from_the_checkpoint_until_runs_measure_it(tiny_checkpoint, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("HF_FLEXGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware_module, "measure", lambda *a: replace(HW, disk_request_s=0.0))
+    monkeypatch.setattr(hardware_module, "SAMPLE_TENSOR_MIN", 1)
+    monkeypatch.setattr(hardware_module, "SAMPLE_BYTES", 4096)
+    _, directory = tiny_checkpoint("llama-gqa")
+    index = CheckpointIndex.from_directory(directory)
+    hardware_module.sample_checkpoint_reads(index, CPU_DEVICE)  # no profile yet: nothing
+    assert index.reads == 0
+    load_or_measure(CPU_DEVICE, torch.float32)
+    hardware_module.sample_checkpoint_reads(index, CPU_DEVICE)
+    assert index.bytes_read >= 4096 and index.reads > 0
+    rate = index.bytes_read / index.read_s
+    assert load_or_measure(CPU_DEVICE, torch.float32).disk_read_bw == rate
+    hardware_module.sample_checkpoint_reads(index, CPU_DEVICE)  # a rate is known: no more
+    assert index.bytes_read / index.read_s == rate
+    index.close()
+
+
 def test_real_measurement_is_sane(tmp_path):
     hw = hardware_module.measure(CPU_DEVICE, torch.float32, tmp_path)
     assert hw.is_cpu_only and hw.cpu_to_device_bw == float("inf")
