@@ -87,8 +87,7 @@ def model_layout(config, index: CheckpointIndex, device: torch.device) -> ModelL
     """The stage tensors and attention shape the cost model needs (no weight is read)."""
     model = build_skeleton(config, device)
     keys = stage_checkpoint_keys(model, adapter_for(model), index)
-    return ModelLayout.from_checkpoint(config, keys, index.locations, linear_weight_keys(model, keys),
-                                       direct_reads=index.reads_direct())
+    return ModelLayout.from_checkpoint(config, keys, index.locations, linear_weight_keys(model, keys))
 
 
 def config_layout(config, storage_dtype: torch.dtype = torch.float16) -> ModelLayout:

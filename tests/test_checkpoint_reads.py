@@ -54,19 +54,6 @@ def test_read_into_matches_safetensors(odd_checkpoint, monkeypatch, direct):
         pytest.skip(f"the file system of {odd_checkpoint.parent} refuses O_DIRECT: only the fallback ran")
 
 
-def test_reads_direct_says_whether_o_direct_works(odd_checkpoint, monkeypatch):
-    """The cost model counts a page-cache copy in flight only where O_DIRECT is refused."""
-    fd = os.open(odd_checkpoint, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    buffer = direct_buffer(ALIGN)
-    works = hasattr(os, "O_DIRECT") and checkpoint.read_direct(fd, memoryview(buffer[:ALIGN].numpy()), 0, 1)
-    os.close(fd)
-    assert CheckpointIndex([odd_checkpoint]).reads_direct() == works
-    monkeypatch.setattr(checkpoint, "read_direct", lambda *a: False)  # refused (EINVAL)
-    assert not CheckpointIndex([odd_checkpoint]).reads_direct()
-    monkeypatch.delattr(os, "O_DIRECT", raising=False)
-    assert not CheckpointIndex([odd_checkpoint]).reads_direct()
-
-
 def test_read_into_a_too_small_buffer_still_reads(odd_checkpoint):
     index = CheckpointIndex([odd_checkpoint])
     got = index.read_into("e", direct_buffer(16))

@@ -177,15 +177,6 @@ class CheckpointIndex:
             self._direct_fds[path] = open_direct(path)
         return self._direct_fds[path]
 
-    def reads_direct(self) -> bool:
-        """Whether this checkpoint's files can be read with ``O_DIRECT`` (no page cache)."""
-        path = next(iter(self.locations.values())).path if self.locations else None
-        fd = self._direct_fd(path) if path is not None else None
-        if fd is None:
-            return False
-        buffer = direct_buffer(ALIGN)
-        return read_direct(fd, memoryview(buffer[:ALIGN].numpy()), 0, 1)
-
     def read_into(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
         """Read one tensor into ``buffer`` (a :func:`direct_buffer` of at least its size),
         bypassing the page cache; returns the tensor, a view of ``buffer``."""

@@ -92,7 +92,6 @@ class ModelLayout:
     head_dim: int
     intermediate: int
     vocab: int
-    direct_reads: bool = False  # the checkpoint reads with O_DIRECT: no page cache in flight
 
     @property
     def num_layers(self) -> int:
@@ -128,11 +127,10 @@ class ModelLayout:
 
     @classmethod
     def from_checkpoint(cls, config, stage_params: list[dict[str, str]], locations,
-                        linear_keys=None, direct_reads: bool = False) -> "ModelLayout":
+                        linear_keys=None) -> "ModelLayout":
         """``stage_params``: per stage, HF parameter name -> checkpoint key; ``locations``:
         key -> object with ``shape`` and ``dtype`` (a safetensors header entry);
-        ``linear_keys``: the keys compress_weight quantizes (default: every 2-D tensor);
-        ``direct_reads``: whether the files read with O_DIRECT."""
+        ``linear_keys``: the keys compress_weight quantizes (default: every 2-D tensor)."""
         linear = None if linear_keys is None else set(linear_keys)
         stages = tuple(tuple(TensorInfo(key, re.sub(r"\.\d+\.", ".#.", name),
                                         tuple(locations[key].shape), locations[key].dtype.itemsize,
@@ -144,7 +142,7 @@ class ModelLayout:
                or 4 * config.hidden_size)
         return cls(stages, config.hidden_size, heads,
                    getattr(config, "num_key_value_heads", None) or heads, head_dim, ffn,
-                   config.vocab_size, direct_reads)
+                   config.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -448,8 +446,10 @@ def memory_terms(policy: Policy, layout: ModelLayout, workload: Workload, hw: Ha
             resident[home] += (t.numel * t.storage_itemsize if keeps_stored
                                else int(f.weight_bytes([t], p.compress_weight)[0]))
     stage_bytes = [int(f.weight_bytes(st, False)[0]) for st in lay.stages]
-    # + the page cache of the read in flight, where reads cannot bypass it
-    stream_ram = sum(staging.values()) + (0 if lay.direct_reads else largest_disk)
+    # + the largest disk tensor once more: the page cache of a read in flight, where O_DIRECT
+    # is refused. Kept with O_DIRECT too: while it was dropped (2026-12-03), two of three
+    # opt-1.3b auto runs planned at 2.85 GiB were killed at a 3.0 GiB cap
+    stream_ram = sum(staging.values()) + largest_disk
     if not hw.is_cpu_only:
         stream_ram = 2 * largest_disk
 
