@@ -143,6 +143,9 @@ def test_disk_rate_sampled_from_the_checkpoint_until_runs_measure_it(tiny_checkp
     hardware_module.sample_checkpoint_reads(index, CPU_DEVICE)  # a rate is known: no more
     assert index.bytes_read / index.read_s == rate
     index.close()
+    # the first run's own rate replaces the sample (not a median with it)
+    hardware_module.observe_disk_reads(CPU_DEVICE, 2 * GiB, 2.0, 0)
+    assert load_or_measure(CPU_DEVICE, torch.float32).disk_read_bw == GiB
 
 
 def test_real_measurement_is_sane(tmp_path):

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 PROFILE_VERSION = 4
 OBSERVED_KEY = "observed_disk_read_bw"  # the engine's measured read rates, newest last
+SAMPLED_KEY = "sampled_disk_read_bw"    # a checkpoint's sampled rate: stands in until then
 OBSERVATIONS = 5             # how many are kept; the median is used
 MIN_OBSERVED_BYTES = 256 * 2**20  # runs reading less say too little about the sustained rate
 
@@ -88,7 +89,8 @@ def profile_path(device: torch.device) -> Path:
 def load_or_measure(device: torch.device, dtype: torch.dtype, disk_dir: Path | None = None,
                     refresh: bool = False, **overrides) -> HardwareProfile:
     """The cached profile for this machine (measured and saved the first time, or when
-    ``refresh``), with ``overrides`` (field=value) applied on top."""
+    ``refresh``), with ``overrides`` (field=value) applied on top. Its disk rate is the
+    median of the runs' observed rates, else the checkpoint sample's, else the probe's."""
     path = profile_path(device)
     data = None if refresh else _read_profile(path)
     if data is None:
@@ -97,41 +99,49 @@ def load_or_measure(device: torch.device, dtype: torch.dtype, disk_dir: Path | N
         write_json(path, data)
     profile = HardwareProfile.from_json(data)
     observed = data.get(OBSERVED_KEY) or []
-    if observed:
-        profile = replace(profile, disk_read_bw=statistics.median(observed))
+    learned = statistics.median(observed) if observed else data.get(SAMPLED_KEY)
+    if learned:
+        profile = replace(profile, disk_read_bw=learned)
     return replace(profile, **overrides) if overrides else profile
 
 
-def observe_disk_reads(device: torch.device, nbytes: int, seconds: float, requests: int,
-                       min_bytes: int | None = None) -> None:
+def observe_disk_reads(device: torch.device, nbytes: int, seconds: float, requests: int) -> None:
     """Record the rate at which a run's weight reads from disk went (``nbytes`` in
     ``requests`` read in ``seconds``, the profile's time per request taken out) into this
-    machine's cached profile, if the run read at least ``min_bytes`` (default
-    ``MIN_OBSERVED_BYTES``) and a profile exists."""
-    data = _read_profile(profile_path(device))
-    if nbytes < (MIN_OBSERVED_BYTES if min_bytes is None else min_bytes) or seconds <= 0 or data is None:
-        return
-    transfer_s = seconds - requests * data["disk_request_s"]
-    if transfer_s < seconds / 4:  # the request time explains nearly all: no rate to learn
-        return
-    kept = observe(profile_path(device), OBSERVED_KEY, nbytes / transfer_s, OBSERVATIONS)
+    machine's cached profile, if the run read at least ``MIN_OBSERVED_BYTES`` and a profile
+    exists."""
+    path = profile_path(device)
+    rate = _transfer_rate(_read_profile(path), nbytes, seconds, requests, MIN_OBSERVED_BYTES)
+    kept = rate and observe(path, OBSERVED_KEY, rate, OBSERVATIONS)
     if kept:
         logger.info("disk reads ran at %.2f GB/s (%.2f GB in %d requests); profile rate now "
-                    "%.2f GB/s", nbytes / transfer_s / 1e9, nbytes / 1e9, requests,
-                    statistics.median(kept) / 1e9)
+                    "%.2f GB/s", rate / 1e9, nbytes / 1e9, requests, statistics.median(kept) / 1e9)
+
+
+def _transfer_rate(data: dict | None, nbytes: int, seconds: float, requests: int,
+                   min_bytes: int) -> float | None:
+    """Bytes per second of transfer, the profile's request time taken out; None when there
+    is no profile, too few bytes, or the request time explains nearly all of it."""
+    if data is None or nbytes < min_bytes or seconds <= 0:
+        return None
+    transfer_s = seconds - requests * data["disk_request_s"]
+    return nbytes / transfer_s if transfer_s >= seconds / 4 else None
 
 
 SAMPLE_BYTES, SAMPLE_TENSOR_MAX, SAMPLE_TENSOR_MIN = 256 * 2**20, 16 * 2**20, 2**20
 
 
 def sample_checkpoint_reads(index, device: torch.device) -> None:
-    """Before any run has taught the profile its disk rate, teach it one from the file the
+    """Before any run has taught the profile its disk rate, give it one from the file the
     engine will stream: read up to ``SAMPLE_BYTES`` of the checkpoint's tensors as the engine
     reads them (one request per tensor, O_DIRECT into an aligned buffer). A probe file just
-    written can be served from a host's cache; the checkpoint is in whatever state the
-    engine will find it (on one VM the probe read 3.1 GB/s, the engine 1.5)."""
-    data = _read_profile(profile_path(device))
-    if data is None or data.get(OBSERVED_KEY):
+    written can be served from a host's cache (on one VM the probe read 3.1 GB/s, the engine
+    1.5). The sample stands in only until a run's own rate is observed: a part of a file can
+    be cached where the whole is not (the first 256 MiB of SmolLM2 read at 3.0 GB/s, the
+    whole model streamed at 0.9-1.2)."""
+    path = profile_path(device)
+    data = _read_profile(path)
+    if data is None or data.get(OBSERVED_KEY) or data.get(SAMPLED_KEY):
         return
     picks, total = [], 0
     for name, loc in index.locations.items():
@@ -144,8 +154,11 @@ def sample_checkpoint_reads(index, device: torch.device) -> None:
     nbytes, seconds, requests = index.bytes_read, index.read_s, index.reads
     for name in picks:
         index.read_into(name, buffer)
-    observe_disk_reads(device, index.bytes_read - nbytes, index.read_s - seconds,
-                       index.reads - requests, min_bytes=SAMPLE_BYTES // 4)
+    rate = _transfer_rate(data, index.bytes_read - nbytes, index.read_s - seconds,
+                          index.reads - requests, SAMPLE_BYTES // 4)
+    if rate:
+        write_json(path, {**data, SAMPLED_KEY: rate})
+        logger.info("a sample of the checkpoint read at %.2f GB/s", rate / 1e9)
 
 
 def _read_profile(path: Path) -> dict | None:
