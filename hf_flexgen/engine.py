@@ -50,6 +50,9 @@ class EngineStats:
     decode_s: float = 0.0
     io_wait_s: float = 0.0      # compute thread blocked on weight / KV I/O
     decode_io_wait_s: float = 0.0  # the part of io_wait_s spent in decode steps
+    decode_convert_s: float = 0.0  # decode steps' weight casts / dequantization (compute thread)
+    decode_layer_calls: int = 0    # micro-batch passes through a decoder layer in decode steps
+    decode_layer_rows: int = 0     # the rows of those passes, summed
     weight_bytes_read: int = 0  # from disk (checkpoint files read in place)
     weight_read_s: float = 0.0  # seconds the I/O worker spent reading them
     weight_reads: int = 0       # read requests (one per tensor) behind them
@@ -73,6 +76,7 @@ class BlockEngine:
         self.weights_io = IOWorker(policy.overlap, device)
         self.cache_io = IOWorker(policy.overlap, device)
         self.stats = EngineStats()
+        self.convert_s = 0.0  # running total of store.to_compute's time
 
     def close(self) -> None:
         self.weights_io.close()
@@ -123,6 +127,7 @@ class BlockEngine:
                 if not active:
                     break
                 start, waits = time.perf_counter(), self.weights_io.wait_s + self.cache_io.wait_s
+                converts = self.convert_s
                 tokens = sum(mb.step.input_ids.numel() for mb in active)
                 self._run_step(active, chooser, on_scores, steps)
                 elapsed = time.perf_counter() - start
@@ -132,6 +137,10 @@ class BlockEngine:
                 else:
                     self.stats.decode_s += elapsed
                     self.stats.decode_io_wait_s += self.weights_io.wait_s + self.cache_io.wait_s - waits
+                    self.stats.decode_convert_s += self.convert_s - converts
+                    layers = self.num_stages - 2
+                    self.stats.decode_layer_calls += layers * len(active)
+                    self.stats.decode_layer_rows += layers * tokens
                 steps += 1
         finally:
             self.cache_io.wait(self.cache_io.submit(lambda: None))  # pending KV writes land
@@ -157,7 +166,9 @@ class BlockEngine:
                 fetched = self.weights_io.wait(pending)
                 if j < last:
                     pending = self.weights_io.submit(self.store.fetch, j + 1)
+                converting = time.perf_counter()
                 weights = self.store.to_compute(j, fetched)
+                self.convert_s += time.perf_counter() - converting
             if self.policy.overlap and u + 1 < len(units):
                 nj, nk = units[u + 1]
                 if 0 < nj < last:

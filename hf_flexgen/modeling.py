@@ -23,7 +23,7 @@ from .memory.weights import WeightStore
 from .ops.attention import register_attention
 from .placement import ModelLayout, Plan, Workload, load_or_measure, parse_max_memory, plan
 from .placement.hardware import observe_disk_reads, sample_checkpoint_reads
-from .calibration import layer_costs, observe_prefill
+from .calibration import layer_costs, observe_decode, observe_prefill
 from .placement.limits import process_rss
 from .placement.solver import check_minimum
 from .policy import Policy
@@ -242,7 +242,7 @@ class FlexGenForCausalLM:
             self.engine.run_block(mbs, new_tokens, chooser, recorder if recorder.wanted else None)
             outputs += [mb.sequences.cpu() for mb in mbs]
         sequences = _pad_right(outputs, pad_id(config))
-        self.record_stats(prompt_len)
+        self.record_stats(prompt_len, new_tokens)
         if not config.return_dict_in_generate:
             return sequences
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=recorder.stack("scores"),
@@ -296,10 +296,11 @@ class FlexGenForCausalLM:
         """Every token of each text scored; see :func:`hf_flexgen.scoring.score_rolling`."""
         return score_rolling(self, texts, prefix_token, max_length, **kwargs)
 
-    def record_stats(self, prompt_len: int | None = None) -> None:
+    def record_stats(self, prompt_len: int | None = None, new_tokens: int = 0) -> None:
         """Keep the engine's figures of the last call as ``last_stats``, and teach the
-        machine's profiles the disk read rate and (for prompts of ``prompt_len``) the
-        prefill rate they show (hardware.observe_disk_reads, calibration.observe_prefill)."""
+        machine's profiles the disk read rate and (for prompts of ``prompt_len`` and up to
+        ``new_tokens`` generated) the prefill rate and decode overhead they show
+        (hardware.observe_disk_reads, calibration.observe_prefill / observe_decode)."""
         stats = self.engine.stats
         self.last_stats = stats.as_dict()
         observe_disk_reads(self.device, stats.weight_bytes_read, stats.weight_read_s,
@@ -307,6 +308,8 @@ class FlexGenForCausalLM:
         if prompt_len is not None:
             observe_prefill(self.config, self.device, self.dtype, self.last_stats, prompt_len,
                             self.adapter.num_layers)
+            observe_decode(self.config, self.device, self.dtype, self.last_stats, self.policy,
+                           prompt_len + new_tokens, self.adapter.num_layers)
 
     def close(self) -> None:
         self.engine.close()
