@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 from dataclasses import replace
 
 import pytest
@@ -136,8 +137,14 @@ def test_disk_rate_sampled_from_the_checkpoint_until_runs_measure_it(tiny_checkp
     hardware_module.sample_checkpoint_reads(index, CPU_DEVICE)  # no profile yet: nothing
     assert index.reads == 0
     load_or_measure(CPU_DEVICE, torch.float32)
+    threads = []
+    read_into = index.read_into
+    monkeypatch.setattr(index, "read_into", lambda *a: threads.append(threading.current_thread())
+                        or read_into(*a))
     hardware_module.sample_checkpoint_reads(index, CPU_DEVICE)
     assert index.bytes_read >= 4096 and index.reads > 0
+    # read as the engine reads: off the thread that computes
+    assert threads and threading.main_thread() not in threads
     rate = index.bytes_read / index.read_s
     assert load_or_measure(CPU_DEVICE, torch.float32).disk_read_bw == rate
     hardware_module.sample_checkpoint_reads(index, CPU_DEVICE)  # a rate is known: no more
