@@ -102,13 +102,15 @@ def observe_decode(config, device: torch.device, dtype: torch.dtype, stats: dict
     runs count whose KV cache stayed in RAM uncompressed (a disk or 4-bit cache costs the
     compute thread work the cost model counts apart), whose contexts stayed short, and whose
     decode ran long enough. Never fails the caller."""
+    calls, rows = stats["decode_layer_calls"], stats["decode_layer_rows"]
+    compute_s = stats["decode_s"] - stats["decode_io_wait_s"] - stats["decode_convert_s"]
+    cache_on_disk = policy.cache_gpu_percent + policy.cache_cpu_percent < 100
+    if (device.type != "cpu" or not calls or cache_on_disk or policy.compress_cache
+            or max_context > MAX_OBSERVED_CONTEXT or compute_s < MIN_OBSERVED_DECODE_S):
+        return
     path = _path(config, device, dtype)
     data = _read(path)
-    calls, rows = stats.get("decode_layer_calls", 0), stats.get("decode_layer_rows", 0)
-    compute_s = stats["decode_s"] - stats["decode_io_wait_s"] - stats.get("decode_convert_s", 0.0)
-    cache_on_disk = policy.cache_gpu_percent + policy.cache_cpu_percent < 100
-    if (data is None or device.type != "cpu" or not calls or cache_on_disk or policy.compress_cache
-            or max_context > MAX_OBSERVED_CONTEXT or compute_s < MIN_OBSERVED_DECODE_S):
+    if data is None:
         return
     timed = (calls * data["decode_fixed_s"] + rows * data["decode_row_s"]
              + (calls * data["head_fixed_s"] + rows * data["head_row_s"]) / layers)
