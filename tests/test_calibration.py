@@ -79,7 +79,7 @@ def test_decode_overhead_learned_from_the_engines_runs(tiny_checkpoint, tmp_path
     _, directory = tiny_checkpoint("llama-gqa")
     cpu = torch.device("cpu")
 
-    def run(policy: Policy, prompt: int, new: int) -> dict:
+    def run(policy: Policy, prompt: int, new: int):
         model = FlexGenForCausalLM.from_pretrained(directory, policy=policy, offload_dir=tmp_path / "off")
         costs = calibration.layer_costs(model.config, build_skeleton(model.config, cpu), cpu, model.dtype)
         ids = torch.randint(4, 100, (4, prompt))
@@ -96,10 +96,9 @@ def test_decode_overhead_learned_from_the_engines_runs(tiny_checkpoint, tmp_path
     calls, rows = s["decode_layer_calls"], s["decode_layer_rows"]
     compute = s["decode_s"] - s["decode_io_wait_s"] - s["decode_convert_s"]
     extra = (compute - calls * 1e-6 - rows * 1e-7 - (calls * 2e-6 + rows * 2e-7) / layers) / calls
-    assert extra > 0  # a tiny layer's real pass takes longer than the microseconds set here
     config, dtype = model.config, model.dtype
     learned = calibration.layer_costs(config, build_skeleton(config, cpu), cpu, dtype)
-    assert learned.decode_fixed_s == pytest.approx(timed.decode_fixed_s + extra)
+    assert learned.decode_fixed_s == pytest.approx(timed.decode_fixed_s + max(0.0, extra))
     assert learned.decode_row_s == timed.decode_row_s
 
     # runs that cannot tell it apart from costs modelled elsewhere are not recorded
