@@ -151,7 +151,8 @@ class FlexGenForCausalLM:
             compressed = CompressedWeights(index, keys, policy.comp_weight_config,
                                            cache_root() / "compressed")
         self.store = WeightStore(index, stage_keys, policy.shares("w"), device, dtype,
-                                 pin_memory=policy.pin_weight, compressed=compressed)
+                                 pin_memory=policy.pin_weight, compressed=compressed,
+                                 vocab_size=config.vocab_size)
         self.engine = BlockEngine(self.adapter, self.store, policy, device, self.offload_dir)
         self.last_stats: dict = {}
         self.plan: Plan | None = None  # set by policy="auto": the prediction and runners-up

@@ -152,3 +152,36 @@ def test_score_matches_hf_log_probs(tiny_checkpoint, tmp_path, policy):
     model = FlexGenForCausalLM.from_pretrained(directory, policy=policy, offload_dir=tmp_path)
     torch.testing.assert_close(model.score(ids, mask, targets), expected, atol=1e-4, rtol=1e-4)
     model.close()
+
+
+@pytest.mark.parametrize("family", ["opt-pre-ln", "opt-post-ln-project", "llama-tied", "llama-gqa"])
+@pytest.mark.parametrize("weights_home", ["disk", "cpu"])
+def test_half_checkpoint_in_fp32_matches_hf(tmp_path, monkeypatch, family, weights_home):
+    """A half checkpoint computed in fp32 on a CPU (its fast dtype) gives HF's fp32 tokens
+    for the same checkpoint. The vocabulary tables stay half: the embedding casts the rows
+    it looks up and the LM head casts a few rows at a time (5 here), so no fp32 copy of a
+    whole table is ever held."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_flexgen.memory.weights as weights_module
+    config = TINY_CONFIGS[family]()
+    width = getattr(config, "word_embed_proj_dim", None) or config.hidden_size  # the table's
+    monkeypatch.setattr(weights_module, "TABLE_CHUNK_BYTES", 5 * width * 4)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).half().save_pretrained(tmp_path / "ckpt")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    ids, mask = left_padded_prompts(count=5, max_len=9, seed=3)
+    expected = hf_generate(reference, ids, mask, max_new_tokens=8)
+    percent = 100 if weights_home == "cpu" else 0
+    policy = Policy(gpu_batch_size=3, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=percent,
+                    cache_gpu_percent=0, cache_cpu_percent=100, overlap=True)
+    model = FlexGenForCausalLM.from_pretrained(tmp_path / "ckpt", policy=policy, dtype=torch.float32,
+                                               offload_dir=tmp_path / "offload")
+    try:
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        table = tuple(reference.get_input_embeddings().weight.shape)
+        fp32_shapes = [tuple(b.shape) for b in model.store._buffers.values() if b.dtype == torch.float32]
+    finally:
+        model.close()
+    assert torch.equal(got, expected)
+    assert (5, table[1]) in fp32_shapes and table not in fp32_shapes

@@ -13,6 +13,8 @@ import torch
 from torch.func import functional_call
 from transformers.cache_utils import Cache
 
+from ..memory.weights import StoredTable
+
 
 @dataclass
 class StepInputs:
@@ -76,6 +78,13 @@ class FamilyAdapter:
 
     embed_tokens_path: str = ""
 
+    def embed_tokens(self, weights: dict, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> token embeddings (a :class:`StoredTable` casts only these rows)."""
+        table = weights.get(self.embed_tokens_path + ".weight")
+        if isinstance(table, StoredTable):
+            return table.embedding(ids)
+        return run_module(self.model, self.embed_tokens_path, weights, ids)
+
     def embed(self, weights: dict, step: StepInputs) -> torch.Tensor:
         """Token ids -> hidden states; fills ``step.layer_kwargs`` for the decoder layers."""
         raise NotImplementedError
@@ -108,7 +117,13 @@ class FamilyAdapter:
 
     def head_logits(self, weights: dict, hidden: torch.Tensor) -> torch.Tensor:
         """``head_hidden`` output (..., hidden) -> logits (..., vocab)."""
-        return run_module(self.model, self.head_paths()[-1], weights, hidden)
+        path = self.head_paths()[-1]
+        table = weights.get(path + ".weight")
+        if isinstance(table, StoredTable):
+            bias = weights.get(path + ".bias")
+            logits = table.linear(hidden)
+            return logits if bias is None else logits + bias
+        return run_module(self.model, path, weights, hidden)
 
 
 _REGISTRY: list[type[FamilyAdapter]] = []

@@ -28,7 +28,7 @@ class LlamaAdapter(FamilyAdapter):
         return "full_attention"
 
     def embed(self, weights, step: StepInputs):
-        hidden = run_module(self.model, self.embed_tokens_path, weights, step.input_ids)
+        hidden = self.embed_tokens(weights, step.input_ids)
         mask_args = dict(config=self.config, inputs_embeds=hidden, attention_mask=step.attention_mask,
                          past_key_values=step.cache, position_ids=step.position_ids)
         kinds = {self.mask_kind(j) for j in range(self.num_layers)}

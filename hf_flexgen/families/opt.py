@@ -26,7 +26,7 @@ class OPTAdapter(FamilyAdapter):
         return paths + ["lm_head"]
 
     def embed(self, weights, step: StepInputs):
-        embeds = run_module(self.model, self.embed_tokens_path, weights, step.input_ids)
+        embeds = self.embed_tokens(weights, step.input_ids)
         past = step.cache.get_seq_length() if step.cache is not None else 0  # None: scoring
         positions = run_module(self.model, f"{DECODER}.embed_positions", weights,
                                step.attention_mask, past, position_ids=step.position_ids)

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..ops.quantize import QuantizedTensor, dequantize
 from ..policy import CPU, DEVICE, DISK, assign_homes
@@ -15,6 +16,47 @@ from .checkpoint import CheckpointIndex, direct_buffer, direct_span
 from .compressed import CompressedWeights
 
 logger = logging.getLogger(__name__)
+
+
+TABLE_CHUNK_BYTES = 32 * 2**20  # compute-dtype scratch for one slice of a vocabulary table
+
+
+def table_chunk_rows(hidden: int, itemsize: int) -> int:
+    """Rows of a vocabulary table cast at a time (:class:`StoredTable`)."""
+    return max(1, TABLE_CHUNK_BYTES // (hidden * itemsize))
+
+
+def is_table(shape: tuple[int, ...], vocab_size: int | None) -> bool:
+    """A vocabulary-sized matrix: the token embedding or the LM head."""
+    return vocab_size is not None and len(shape) == 2 and shape[0] == vocab_size
+
+
+@dataclass(frozen=True)
+class StoredTable:
+    """A vocabulary table (embedding / LM head) handed to the CPU compute in its stored
+    dtype. Casting all of it each step would hold a second, wider copy (412 MB for
+    OPT-1.3B's table in fp32); instead a lookup casts the rows it gathers and the LM head
+    casts one slice of rows at a time into ``chunk``. Same values as the cast table."""
+
+    stored: torch.Tensor  # (vocab, hidden), checkpoint dtype
+    dtype: torch.dtype    # compute dtype
+    chunk: torch.Tensor   # (rows, hidden) compute-dtype scratch, reused
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.stored).to(self.dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ table.T``: (..., hidden) -> (..., vocab)."""
+        vocab, hidden = self.stored.shape
+        flat = x.reshape(-1, hidden)
+        out = torch.empty(flat.shape[0], vocab, dtype=x.dtype, device=x.device)
+        rows = self.chunk.shape[0]
+        for start in range(0, vocab, rows):
+            end = min(start + rows, vocab)
+            weight = self.chunk[:end - start]
+            weight.copy_(self.stored[start:end])
+            out[:, start:end] = flat @ weight.t()
+        return out.view(*x.shape[:-1], vocab)
 
 
 @dataclass(frozen=True)
@@ -36,8 +78,10 @@ class WeightStore:
 
     def __init__(self, index: CheckpointIndex, stage_keys: list[dict[str, str]],
                  shares: dict[str, float], device: torch.device, dtype: torch.dtype,
-                 pin_memory: bool = False, compressed: CompressedWeights | None = None):
+                 pin_memory: bool = False, compressed: CompressedWeights | None = None,
+                 vocab_size: int | None = None):
         self.index, self.device, self.dtype, self.compressed = index, device, dtype, compressed
+        self.vocab_size = vocab_size  # tables of this many rows go to compute as StoredTable
         self.pin_memory = pin_memory and device.type == "cuda"
         self.stages: list[list[WeightSpec]] = []
         for names_to_keys in stage_keys:
@@ -144,11 +188,19 @@ class WeightStore:
         dequantizing compressed weights), on the compute thread (on CPU a conversion on the
         I/O thread would start a second OpenMP team competing for the same cores). Converted
         tensors go to one staging buffer per tensor role, reused from stage to stage; a
-        buffer that already holds the tensor is not converted again."""
+        buffer that already holds the tensor is not converted again. Vocabulary tables that
+        need a cast go over as :class:`StoredTable`, cast where used."""
         out = {}
         for spec in self.stages[stage]:
             tensor = fetched[spec.name]
             quantized = isinstance(tensor, QuantizedTensor)
+            if (not quantized and tensor.dtype != self.dtype and tensor.dtype.is_floating_point
+                    and self.device.type == "cpu" and is_table(spec.shape, self.vocab_size)):
+                hidden = spec.shape[1]
+                chunk = self._buffer(("table chunk",), self.dtype,
+                                     (min(spec.shape[0], table_chunk_rows(hidden, self.dtype.itemsize)), hidden))
+                out[spec.name] = StoredTable(tensor, self.dtype, chunk)
+                continue
             if quantized or (tensor.dtype != self.dtype and tensor.dtype.is_floating_point):
                 buffer = self._buffer(("compute", self._role(spec, None)), self.dtype, tuple(tensor.shape))
                 if self._holds.get(id(buffer)) != spec.key:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..memory.checkpoint import direct_span
+from ..memory.weights import is_table, table_chunk_rows
 from ..policy import (CPU, DEVICE, DISK, HOMES, SMALL_TENSOR_SHARE, Policy, assign_homes,
                       spread_units)
 from .hardware import HardwareProfile
@@ -118,6 +119,10 @@ class ModelLayout:
     def _role_stages(self) -> dict[str, int]:
         return {role: len({j for j, st in enumerate(self.stages) for t in st if t.role == role})
                 for role in {t.role for st in self.stages for t in st}}
+
+    def is_table(self, t: TensorInfo) -> bool:
+        """A vocabulary-sized matrix (token embedding, LM head)."""
+        return is_table(t.shape, self.vocab)
 
     def held_once(self, t: TensorInfo) -> bool:
         """Kept in its own staging buffer by a CPU engine, so fetched (read, cast) once per
@@ -218,6 +223,9 @@ class Formulas:
         cast_share = share[DISK] + (share[CPU] if self.cpu_only else 0)
         cast = sum(t.numel for t in quantized) * self.cb / hw.cast_bw
         cast += cast_share * sum(t.numel for t in plain) * self.cb / hw.cast_bw * self._needs_cast(plain)
+        if self.cpu_only and stage == len(self.layout.stages) - 1:  # the LM head, cast per use
+            table = sum(t.numel for t in self.layout.stages[stage] if self.casts_per_use(t))
+            cast += (share[CPU] + share[DISK]) * self.policy.num_gpu_batches * table * self.cb / hw.cast_bw
         return io, cast
 
     def fetched_each_step(self, stage: int) -> list[TensorInfo]:
@@ -233,6 +241,12 @@ class Formulas:
         compressed = self.policy.compress_weight
         return sum(3 if compressed and t.quantizable else 1 for t in self.fetched_each_step(stage)
                    if t.numel >= SMALL_TENSOR_SHARE * total)
+
+    def casts_per_use(self, t: TensorInfo) -> bool:
+        """A vocabulary table a CPU engine keeps in its (narrower) stored dtype outside the
+        device home and casts a slice at a time where used (weights.StoredTable)."""
+        quantized = self.policy.compress_weight and t.quantizable
+        return self.cpu_only and not quantized and t.storage_itemsize != self.cb and self.layout.is_table(t)
 
     def _needs_cast(self, tensors) -> float:
         total = sum(t.numel for t in tensors) or 1
@@ -437,7 +451,11 @@ def memory_terms(policy: Policy, layout: ModelLayout, workload: Workload, hw: Ha
                 if home == DISK and not quantized:
                     slot = () if lay.shared(t.key) else (j % 2,)
                     staging[("raw", *slot, *role)] = direct_span(t.numel * t.storage_itemsize)
-                if quantized or (home != DEVICE and t.storage_itemsize != cb):
+                if home != DEVICE and not quantized and t.storage_itemsize != cb and lay.is_table(t):
+                    # cast a slice at a time where used (weights.StoredTable)
+                    width = t.shape[1]
+                    staging[("table chunk",)] = min(t.shape[0], table_chunk_rows(width, cb)) * width * cb
+                elif quantized or (home != DEVICE and t.storage_itemsize != cb):
                     staging[("compute", *role)] = t.numel * cb
             if home == DISK or (t.key, home) in seen:
                 continue
