@@ -382,6 +382,7 @@ def run_with_escalation(spec: RunSpec, timeout_s: float, settings: Settings, tag
     return rows
 
 
+PRESSED_RSS_SHARE = 0.9  # a run whose peak RSS reached this share of its budget was squeezed
 LOAD_ALLOWANCE_S = 120  # loading is not timed as throughput: it gets its own allowance
 
 
@@ -437,12 +438,21 @@ def earlier_rows(rows: list[dict], peer: str, label: str, budget: int) -> list[d
                             and r["label"] == label and r.get("escalated_from_bytes") == budget]
 
 
+def squeezed(row: dict) -> bool:
+    """Killed at the budget, or stopped by a time limit with its RSS pressed against the
+    budget (thrashing: re-reading evicted pages); a larger floor or a smaller batch may fit."""
+    pressed = (row.get("peak_rss_bytes") or 0) >= PRESSED_RSS_SHARE * row["budget_bytes"]
+    return row["status"] == "killed at budget" or (row["status"].startswith("time limit") and pressed)
+
+
 def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget, save) -> None:
     """Largest batch first. For each batch size, ``max_memory`` is part of Accelerate's best
-    settings: its floors are tried in order at the budget until one survives (a floor that
+    settings: its floors are tried in order at the budget until one is not squeezed (killed,
+    or stopped by the time limit with its RSS pressed against the budget; a floor that
     gives the same ``max_memory`` as one already killed is skipped); when all are killed,
     the last is re-run at escalated budgets. Once a batch size hits a time limit that a finished
-    run set, smaller ones (which read the offloaded weights more often) are listed as not run."""
+    run set, without its RSS pressed against the budget, smaller ones (which read the
+    offloaded weights more often) are listed as not run."""
     model_config = SimpleNamespace(**json.loads((Path(w.checkpoint) / "config.json").read_text()))
     stopped: dict[str, int] = {}
     for i, group in enumerate(groups):
@@ -460,7 +470,7 @@ def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget,
             if done:
                 logger.info("resumed: %s at %s: %s", c.label(), format_gib(budget), done[-1]["status"])
                 new.extend(done)
-                if done[0]["status"] != "killed at budget" or len(done) > 1:
+                if not squeezed(done[0]) or len(done) > 1:
                     break
                 tried.append(accelerate_max_memory(spec, model_config, c))
                 continue
@@ -474,7 +484,7 @@ def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget,
                                 settings, f"acc{i}_{j}"))
             rows.append(new[-1])
             save()
-            if new[-1]["status"] != "killed at budget":
+            if not squeezed(new[-1]):
                 break
         else:
             escalated = run_with_escalation(spec, time_limit(rows, ACCELERATE, settings, budget),
@@ -483,10 +493,11 @@ def run_accelerate_search(groups, w, budget, settings, rows, device, gpu_budget,
             new.extend(escalated)
             save()
         # a batch stopped by a time limit that a finished run set can no longer win, and a
-        # smaller batch re-reads the offloaded weights more often; one stopped only by the
-        # overall cap (nothing finished yet) may be thrashing at the budget: try smaller ones
+        # smaller batch re-reads the offloaded weights more often. But one stopped only by the
+        # overall cap (nothing finished yet), or whose RSS was pressed against the budget, may
+        # have been thrashing there, where a smaller batch fits: try smaller ones
         if any(r["status"].startswith("time limit") and r["time_limit_s"] < settings.max_run_s
-               for r in new):
+               and not squeezed(r) for r in new):
             stopped[dtype] = group[0].batch_size
 
 
