@@ -21,9 +21,10 @@ logger = logging.getLogger(__name__)
 TABLE_CHUNK_BYTES = 32 * 2**20  # compute-dtype scratch for one slice of a vocabulary table
 
 
-def table_chunk_rows(hidden: int, itemsize: int) -> int:
-    """Rows of a vocabulary table cast at a time (:class:`StoredTable`)."""
-    return max(1, TABLE_CHUNK_BYTES // (hidden * itemsize))
+def table_chunk_shape(shape: tuple[int, int], itemsize: int) -> tuple[int, int]:
+    """(rows, width) of the scratch a :class:`StoredTable` of ``shape`` casts into."""
+    rows, width = shape
+    return min(rows, max(1, TABLE_CHUNK_BYTES // (width * itemsize))), width
 
 
 def is_table(shape: tuple[int, ...], vocab_size: int | None) -> bool:
@@ -196,9 +197,8 @@ class WeightStore:
             quantized = isinstance(tensor, QuantizedTensor)
             if (not quantized and tensor.dtype != self.dtype and tensor.dtype.is_floating_point
                     and self.device.type == "cpu" and is_table(spec.shape, self.vocab_size)):
-                hidden = spec.shape[1]
                 chunk = self._buffer(("table chunk",), self.dtype,
-                                     (min(spec.shape[0], table_chunk_rows(hidden, self.dtype.itemsize)), hidden))
+                                     table_chunk_shape(spec.shape, self.dtype.itemsize))
                 out[spec.name] = StoredTable(tensor, self.dtype, chunk)
                 continue
             if quantized or (tensor.dtype != self.dtype and tensor.dtype.is_floating_point):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..memory.checkpoint import direct_span
-from ..memory.weights import is_table, table_chunk_rows
+from ..memory.weights import is_table, table_chunk_shape
 from ..policy import (CPU, DEVICE, DISK, HOMES, SMALL_TENSOR_SHARE, Policy, assign_homes,
                       spread_units)
 from .hardware import HardwareProfile
@@ -451,10 +451,8 @@ def memory_terms(policy: Policy, layout: ModelLayout, workload: Workload, hw: Ha
                 if home == DISK and not quantized:
                     slot = () if lay.shared(t.key) else (j % 2,)
                     staging[("raw", *slot, *role)] = direct_span(t.numel * t.storage_itemsize)
-                if home != DEVICE and not quantized and t.storage_itemsize != cb and lay.is_table(t):
-                    # cast a slice at a time where used (weights.StoredTable)
-                    width = t.shape[1]
-                    staging[("table chunk",)] = min(t.shape[0], table_chunk_rows(width, cb)) * width * cb
+                if home != DEVICE and f.casts_per_use(t):
+                    staging[("table chunk",)] = math.prod(table_chunk_shape(t.shape, cb)) * cb
                 elif quantized or (home != DEVICE and t.storage_itemsize != cb):
                     staging[("compute", *role)] = t.numel * cb
             if home == DISK or (t.key, home) in seen:
